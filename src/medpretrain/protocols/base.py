@@ -1,0 +1,93 @@
+"""What every evaluation protocol receives and returns, and the registry that names them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from medpretrain.data.base import Dataset
+from medpretrain.errors import MedpretrainError
+from medpretrain.inits import InitSpec
+
+
+@dataclass
+class EvalContext:
+    """One cell's inputs: the data, which training labels are visible, the initialization and parameters."""
+
+    dataset: Dataset
+    train_idx: np.ndarray
+    init: InitSpec
+    backbone: str
+    small_stem: bool
+    seed: int
+    params: dict[str, Any]
+    features: Callable[
+        [], dict[str, np.ndarray]
+    ]  # frozen features per split, cached on disk, computed lazily
+    progress: bool = True
+
+
+@dataclass
+class Prediction:
+    """Test-split probabilities plus what was chosen on validation and any training curves."""
+
+    test_proba: np.ndarray
+    chosen: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Protocol(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    uses_features: ClassVar[bool]  # True: works on cached frozen features; False: trains the network
+
+    @abstractmethod
+    def run(self, ctx: EvalContext) -> Prediction: ...
+
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(cls: type[Protocol]) -> type[Protocol]:
+    PROTOCOLS[cls.name] = cls()
+    return cls
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise MedpretrainError(f"unknown protocol '{name}'", f"choose one of: {', '.join(sorted(PROTOCOLS))}")
+    return PROTOCOLS[name]
+
+
+def params_or_default(params: dict[str, Any], defaults: dict[str, Any], protocol: str) -> dict[str, Any]:
+    """Protocol parameters merged over defaults; an unknown key is an input error, not silently ignored."""
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise MedpretrainError(
+            f"unknown parameter(s) {sorted(unknown)} for protocol '{protocol}'",
+            f"allowed: {', '.join(sorted(defaults))}",
+        )
+    return {**defaults, **params}
+
+
+def choose_on_validation(
+    candidates: list[Any], fit_and_score: Callable[[Any], tuple[float, Any]]
+) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """Try each candidate hyper-parameter, keep the best validation score (first one on ties).
+
+    Returns (best candidate, its fitted model, the search trace). The test split never enters here.
+    """
+    best: tuple[float, Any, Any] | None = None
+    trace = []
+    for candidate in candidates:
+        val_score, model = fit_and_score(candidate)
+        trace.append({"value": candidate, "val_score": val_score})
+        if best is None or (val_score > best[0]):
+            best = (val_score, candidate, model)
+    assert best is not None
+    return best[1], best[2], trace

@@ -1,0 +1,40 @@
+"""Full fine-tuning of backbone + linear head; the epoch is chosen on validation AUC."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from medpretrain.errors import MedpretrainError
+from medpretrain.inits import build_model
+from medpretrain.protocols.base import EvalContext, Prediction, Protocol, register_protocol
+from medpretrain.train import FinetuneConfig, finetune
+
+
+def finetune_config(params: dict) -> FinetuneConfig:
+    try:
+        return FinetuneConfig(**params)
+    except (TypeError, ValidationError) as err:
+        allowed = ", ".join(FinetuneConfig.model_fields) if hasattr(FinetuneConfig, "model_fields") else ""
+        raise MedpretrainError(
+            f"invalid fine-tuning parameters {params}: {err}".splitlines()[0], f"allowed: {allowed}"
+        ) from None
+
+
+@register_protocol
+class FineTune(Protocol):
+    name = "finetune"
+    description = "full fine-tuning (AdamW, warm-up + cosine); epoch selected on validation AUC"
+    uses_features = False
+
+    def run(self, ctx: EvalContext) -> Prediction:
+        cfg = finetune_config(ctx.params)
+        model, report = build_model(
+            ctx.backbone, ctx.init, small_stem=ctx.small_stem, seed=ctx.seed, img_size=ctx.dataset.image_size
+        )
+        result = finetune(model, ctx.dataset, ctx.train_idx, cfg, seed=ctx.seed, progress=ctx.progress)
+        return Prediction(
+            test_proba=result.test_proba,
+            chosen={"epoch": result.best_epoch},
+            history=result.history,
+            extra={"overfitting": result.overfitting, "weights": report.summary()},
+        )

@@ -1,0 +1,153 @@
+"""The results store: one SQLite row per finished cell, committed the moment the cell ends.
+
+The cell key is the primary key, so a re-run skips what is done and a result can never be stored twice.
+Per-epoch histories and chosen hyper-parameters ride along as JSON; test-set probabilities go to
+`predictions/<cell_key>.npz` beside the database (the report's paired tests need them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Column order of the table and of the exported JSON objects; the first block is the public contract.
+COLUMNS: dict[str, str] = {
+    "cell_key": "TEXT PRIMARY KEY",
+    "dataset": "TEXT",
+    "init": "TEXT",
+    "backbone": "TEXT",
+    "protocol": "TEXT",
+    "fraction": "REAL",
+    "shots": "INTEGER",
+    "imbalance": "REAL",
+    "seed": "INTEGER",
+    "n_labeled": "INTEGER",
+    "auc": "REAL",
+    "auc_ci_low": "REAL",
+    "auc_ci_high": "REAL",
+    "acc": "REAL",
+    "acc_ci_low": "REAL",
+    "acc_ci_high": "REAL",
+    "balanced_acc": "REAL",
+    "f1_macro": "REAL",
+    "kappa": "REAL",
+    "ece": "REAL",
+    "seconds": "REAL",
+    "task": "TEXT",
+    "size": "INTEGER",
+    "image_size": "INTEGER",
+    "small_stem": "INTEGER",
+    "init_key": "TEXT",
+    "dataset_key": "TEXT",
+    "n_test": "INTEGER",
+    "config_hash": "TEXT",
+    "config": "TEXT",  # JSON: the full cell definition
+    "chosen": "TEXT",  # JSON: hyper-parameters selected on the validation split
+    "history": "TEXT",  # JSON: per-epoch train/val curves (fine-tuning)
+    "extra": "TEXT",  # JSON: overfitting gap, weight-load report, …
+    "versions": "TEXT",  # JSON: library versions
+    "created_at": "TEXT",
+}
+JSON_COLUMNS = ("config", "chosen", "history", "extra", "versions")
+
+
+class Store:
+    """SQLite results at `<out>/results.db`."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "results.db"
+        self.predictions_dir = self.out_dir / "predictions"
+        with self._connect() as db:
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS results ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")  # a killed writer never corrupts rows already committed
+        return db
+
+    def done(self, cell_key: str) -> bool:
+        with self._connect() as db:
+            return db.execute("SELECT 1 FROM results WHERE cell_key = ?", (cell_key,)).fetchone() is not None
+
+    def get(self, cell_key: str) -> dict[str, Any] | None:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM results WHERE cell_key = ?", (cell_key,)).fetchone()
+        return _decode(row) if row else None
+
+    def put(self, row: dict[str, Any], test_proba: np.ndarray | None = None) -> None:
+        """Store one finished cell. Predictions are written first, so a stored row always has its file."""
+        if test_proba is not None:
+            self._save_predictions(row["cell_key"], test_proba)
+        values = {k: _encode(k, row.get(k)) for k in COLUMNS}
+        placeholders = ", ".join("?" for _ in values)
+        with self._connect() as db:
+            db.execute(
+                f"INSERT OR IGNORE INTO results ({', '.join(values)}) VALUES ({placeholders})",
+                tuple(values.values()),
+            )
+
+    def rows(self, **where: Any) -> list[dict[str, Any]]:
+        clauses = " AND ".join(f"{k} = ?" for k in where)
+        sql = "SELECT * FROM results" + (f" WHERE {clauses}" if where else "") + " ORDER BY rowid"
+        with self._connect() as db:
+            return [_decode(r) for r in db.execute(sql, tuple(where.values()))]
+
+    def predictions(self, cell_key: str) -> np.ndarray | None:
+        path = self.predictions_dir / f"{cell_key}.npz"
+        return np.load(path)["test_proba"] if path.exists() else None
+
+    def _save_predictions(self, cell_key: str, proba: np.ndarray) -> None:
+        self.predictions_dir.mkdir(exist_ok=True)
+        final = self.predictions_dir / f"{cell_key}.npz"
+        fd, tmp = tempfile.mkstemp(dir=self.predictions_dir, suffix=".tmp.npz")
+        os.close(fd)
+        np.savez_compressed(tmp, test_proba=proba.astype(np.float32))
+        os.replace(tmp, final)
+
+
+def export_json(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows as a JSON list (the `--json` output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(list(rows), indent=1, default=_json_default))
+    return path
+
+
+def _encode(column: str, value: Any) -> Any:
+    if column in JSON_COLUMNS:
+        return json.dumps(value, default=_json_default) if value is not None else None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for column in JSON_COLUMNS:
+        if out.get(column) is not None:
+            out[column] = json.loads(out[column])
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
