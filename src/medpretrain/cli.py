@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sys
 import warnings
@@ -23,7 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+# Logs and CI capture output without a terminal; the summary table needs more than the default 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,23 +94,17 @@ def evaluate(
     ] = ["scratch"],  # noqa: B006  (typer reads list defaults this way)
     backbone: Annotated[str, typer.Option(help="resnet18, resnet50, efficientnet_lite0, …")] = "resnet18",
     protocol: Annotated[list[str], typer.Option(help="linear, knn or finetune. Repeatable.")] = ["linear"],  # noqa: B006
-    fraction: Annotated[
-        list[float], typer.Option(help="Fraction of training labels, 0 < f ≤ 1. Repeatable.")
-    ] = [],  # noqa: B006
+    fraction: Annotated[list[float], typer.Option(help="Fraction of training labels, 0 < f ≤ 1. Repeatable.")] = [],  # noqa: B006
     shots: Annotated[list[int], typer.Option(help="Labeled images per class. Repeatable.")] = [],  # noqa: B006
     imbalance: Annotated[
         float | None,
         typer.Option(help="Make the labeled subset imbalanced: most/least frequent class ratio."),
     ] = None,
-    seeds: Annotated[
-        int, typer.Option(min=1, help="Number of seeds (0 … N-1): subset draw, init and training.")
-    ] = 1,
+    seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0 … N-1): subset draw, init and training.")] = 1,
     size: Annotated[int, typer.Option(help="Source resolution of MedMNIST files: 28, 64, 128 or 224.")] = 28,
     image_size: Annotated[
         int | None,
-        typer.Option(
-            help="Resolution the network sees. Default: native, 112 for ImageNet inits, a checkpoint's own."
-        ),
+        typer.Option(help="Resolution the network sees. Default: native, 112 for ImageNet inits, a checkpoint's own."),
     ] = None,
     small_stem: Annotated[
         bool | None,
@@ -122,12 +118,10 @@ def evaluate(
     lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size.")] = None,
     class_weighted: Annotated[bool, typer.Option(help="Class-weighted fine-tuning loss.")] = False,
-    out: Annotated[
-        Path, typer.Option(help="Run directory: results.db, predictions, feature cache, splits.")
-    ] = Path("runs/latest"),
-    json_path: Annotated[
-        Path | None, typer.Option("--json", help="Also write the rows as a JSON list here.")
-    ] = None,
+    out: Annotated[Path, typer.Option(help="Run directory: results.db, predictions, feature cache, splits.")] = Path(
+        "runs/latest"
+    ),
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as a JSON list here.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db."""
@@ -163,9 +157,7 @@ def evaluate(
     for init_text, proto, budget, seed in product(init, protocol, budgets, range(seeds)):
         spec = parse_init(init_text)
         stem = (
-            small_stem
-            if small_stem is not None
-            else bool(spec.path and checkpoint_meta(spec.path).get("small_stem"))
+            small_stem if small_stem is not None else bool(spec.path and checkpoint_meta(spec.path).get("small_stem"))
         )
         cells.append(
             Cell(
@@ -187,6 +179,93 @@ def evaluate(
     console.print(f"results: {store.path}")
     if json_path is not None:
         console.print(f"rows: {export_json(rows, json_path)}")
+
+
+@app.command()
+@handle_errors
+def methods() -> None:
+    """Every self-supervised pre-training method, one line each, with its default hyper-parameters."""
+    from medpretrain.ssl import METHODS
+
+    table = Table(title="pre-training methods (override any default with --hp key=value)")
+    for column in ("method", "family", "what it does", "defaults"):
+        table.add_column(column, overflow="fold")
+    for name, cls in sorted(METHODS.items()):
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.config_class().model_dump().items())
+        table.add_row(name, cls.family, cls.description, defaults)
+    console.print(table)
+
+
+def parse_hparams(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as JSON when they parse (numbers, booleans, lists), else text."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MedpretrainError(f"hyper-parameter '{pair}' is not key=value", "write e.g. --hp temperature=0.2")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@app.command()
+@handle_errors
+def pretrain(
+    dataset: Annotated[str, typer.Option(help="Dataset whose training images are pre-trained on (labels unused).")],
+    method: Annotated[str, typer.Option(help="Pre-training method (see `medpretrain methods`).")],
+    backbone: Annotated[str, typer.Option(help="resnet18, resnet50, efficientnet_lite0, vit_tiny.")] = "resnet18",
+    epochs: Annotated[int, typer.Option(min=1, help="Pre-training epochs.")] = 50,
+    init: Annotated[
+        str, typer.Option(help="Starting weights: scratch, imagenet (continued pre-training) or a checkpoint.")
+    ] = "scratch",
+    unlabeled_from: Annotated[
+        str | None,
+        typer.Option(help="Pre-train on another MedMNIST flag or image folder (labels not needed) than --dataset."),
+    ] = None,
+    size: Annotated[int, typer.Option(help="Source resolution of MedMNIST files: 28, 64, 128 or 224.")] = 28,
+    image_size: Annotated[int | None, typer.Option(help="Resolution the network sees (default: native).")] = None,
+    small_stem: Annotated[
+        bool, typer.Option("--small-stem/--standard-stem", help="ResNet 3×3 stem without max-pool for 28–64 px.")
+    ] = False,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the method's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Base learning rate per 256 images (default: the method's).")] = None,
+    hp: Annotated[list[str], typer.Option(help="Any method hyper-parameter as key=value. Repeatable.")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed for weights, batches and views.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints and logs.")] = Path("runs/ssl"),
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same request.")] = False,
+    restart: Annotated[bool, typer.Option(help="Discard an interrupted run of the same request.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Self-supervised pre-training; prints the checkpoint path as the last line of stdout.
+
+    The same request again reuses the finished checkpoint (files are named by a hash of the request).
+    """
+    quiet_libraries()
+    from medpretrain.backbones import get_spec
+    from medpretrain.pretrain import PretrainRequest
+    from medpretrain.pretrain import pretrain as run_pretraining
+
+    get_spec(backbone)
+    hparams = parse_hparams(hp)
+    hparams.update({k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None})
+    request = PretrainRequest(
+        dataset=unlabeled_from or dataset,
+        method=method,
+        backbone=backbone,
+        epochs=epochs,
+        init=init,
+        size=size,
+        image_size=image_size,
+        small_stem=small_stem,
+        seed=seed,
+        hparams=hparams,
+    )
+    path = run_pretraining(
+        request, out, resume=resume, restart=restart, progress=progress, log=lambda m: err_console.print(m)
+    )
+    print(path)
 
 
 def main() -> None:  # pragma: no cover - console-script shim for `python -m medpretrain`

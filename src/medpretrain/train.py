@@ -169,7 +169,7 @@ class FinetuneConfig(BaseModel):
     rotation: float = Field(10.0, ge=0, le=180)
     jitter: float = Field(0.1, ge=0, lt=1)
     eval_batch_size: int = Field(512, ge=1)
-    train_eval_max: int = Field(10_000, ge=1)
+    train_eval_max: int = Field(5_000, ge=1)
 
     def recipe(self) -> ViewRecipe | None:
         """The training views (None when augmentation is off); intensity jitter is modality-aware."""
@@ -281,9 +281,7 @@ class FinetuneModule(pl.LightningModule):
             if self.cfg.label_smoothing > 0:
                 target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
             return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.class_weight)
-        return F.cross_entropy(
-            logits.float(), y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing
-        )
+        return F.cross_entropy(logits.float(), y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing)
 
     def on_train_epoch_start(self) -> None:
         self._train_loss_sum, self._train_batches = 0.0, 0
@@ -371,8 +369,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
     model.eval()
     device = next(model.parameters()).device
     out = [
-        model(to_float(images[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
+        model(to_float(images[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -381,22 +378,16 @@ def _check_inputs(dataset: Dataset, train_idx: np.ndarray) -> np.ndarray:
     idx = np.asarray(train_idx)
     n_train = len(dataset.images["train"])
     if idx.ndim != 1 or len(idx) == 0:
-        raise MedpretrainError(
-            "fine-tuning needs at least one labelled training image", "use a larger budget"
-        )
+        raise MedpretrainError("fine-tuning needs at least one labelled training image", "use a larger budget")
     if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n_train:
         raise MedpretrainError(
             f"training indices must be integers in [0, {n_train})", "select them with budgets.select"
         )
     if len(idx) < 2:
-        raise MedpretrainError(
-            "fine-tuning needs at least two labelled images (batch norm)", "use a larger budget"
-        )
+        raise MedpretrainError("fine-tuning needs at least two labelled images (batch norm)", "use a larger budget")
     for split in ("val", "test"):
         if split not in dataset.images or len(dataset.images[split]) == 0:
-            raise MedpretrainError(
-                f"dataset '{dataset.name}' has no {split} split", "fine-tuning selects on val"
-            )
+            raise MedpretrainError(f"dataset '{dataset.name}' has no {split} split", "fine-tuning selects on val")
     return idx.astype(np.int64)
 
 
@@ -448,9 +439,7 @@ def finetune(
     # Train side of the overfitting gap: an un-augmented eval-mode pass over (a fixed sample of) the subset.
     rng = np.random.default_rng(seed)
     sub = (
-        np.sort(rng.choice(len(idx), size=cfg.train_eval_max, replace=False))
-        if len(idx) > cfg.train_eval_max
-        else None
+        np.sort(rng.choice(len(idx), size=cfg.train_eval_max, replace=False)) if len(idx) > cfg.train_eval_max else None
     )
     train_eval_set = (
         TensorDataset(x_train[torch.as_tensor(sub)], y_train[torch.as_tensor(sub)])
@@ -491,12 +480,8 @@ def finetune(
     model.eval()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model.to(device)
-    val_proba = probabilities(
-        predict_logits(model, dataset.images["val"], batch_size=cfg.eval_batch_size), task
-    )
-    test_proba = probabilities(
-        predict_logits(model, dataset.images["test"], batch_size=cfg.eval_batch_size), task
-    )
+    val_proba = probabilities(predict_logits(model, dataset.images["val"], batch_size=cfg.eval_batch_size), task)
+    test_proba = probabilities(predict_logits(model, dataset.images["test"], batch_size=cfg.eval_batch_size), task)
     model.cpu()
 
     best = next(h for h in history if h["epoch"] == module.best_epoch)

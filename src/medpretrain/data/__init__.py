@@ -6,8 +6,10 @@ import functools
 import os
 from pathlib import Path
 
+import torch
+
 from medpretrain.data.base import SPLITS, Dataset, Task
-from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_folder, scan
+from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_folder, load_unlabeled_folder, scan
 from medpretrain.data.medmnist import (
     MEDMNIST_FLAGS,
     DatasetInfo,
@@ -32,6 +34,7 @@ __all__ = [
     "data_dir",
     "list_datasets",
     "load_dataset",
+    "load_unlabeled",
 ]
 
 _MEMO_SIZE = 8  # datasets at 224 px are large; keep a handful, a miss only costs a reload
@@ -78,9 +81,7 @@ def load_dataset(
     the same object, so callers must not modify it.
     """
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise MedpretrainError(
-            f"Invalid image size {image_size!r}", "use a positive number of pixels, e.g. 224"
-        )
+        raise MedpretrainError(f"Invalid image size {image_size!r}", "use a positive number of pixels, e.g. 224")
     text = os.fspath(spec)
     key = text.strip().lower()
     if key in MEDMNIST_FLAGS:
@@ -106,3 +107,23 @@ def load_dataset(
         f"use one of the MedMNIST flags {', '.join(MEDMNIST_FLAGS)}, "
         "or give a path to an image folder or a CSV manifest",
     )
+
+
+def load_unlabeled(
+    spec: str | os.PathLike[str], *, size: int = 28, image_size: int | None = None, split_dir: Path | None = None
+) -> tuple[str, str, torch.Tensor]:
+    """Training images without labels, for self-supervised pre-training: (name, content key, uint8 N×C×H×W).
+
+    A MedMNIST flag or a labeled folder/CSV gives its training split only (validation and test images are
+    never pre-trained on); a folder that is not a labeled dataset gives every image under it.
+    """
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    if text.strip().lower() in MEDMNIST_FLAGS or not path.is_dir():
+        dataset = load_dataset(spec, size=size, image_size=image_size, split_dir=split_dir)
+        return dataset.name, dataset.key, dataset.images["train"]
+    try:
+        dataset = load_dataset(path, image_size=image_size, split_dir=split_dir)
+    except MedpretrainError:
+        return load_unlabeled_folder(path.resolve(), image_size=image_size)
+    return dataset.name, dataset.key, dataset.images["train"]

@@ -80,9 +80,7 @@ def _visible_dirs(folder: Path) -> list[Path]:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if is_image_file(p) and not any(s.startswith(".") for s in p.parts)
-    )
+    return sorted(p for p in folder.rglob("*") if is_image_file(p) and not any(s.startswith(".") for s in p.parts))
 
 
 def _scan_folder(root: Path) -> Manifest:
@@ -108,9 +106,7 @@ def _scan_folder(root: Path) -> Manifest:
     if not items:
         loose = [p for p in root.iterdir() if is_image_file(p)]
         detail = f" ({len(loose)} images lie directly in it, not in class sub-folders)" if loose else ""
-        raise MedpretrainError(
-            f"No readable images found in class sub-folders of {root}{detail}", _LAYOUT_HINT
-        )
+        raise MedpretrainError(f"No readable images found in class sub-folders of {root}{detail}", _LAYOUT_HINT)
     return Manifest("folder", root, root, root.name, tuple(items))
 
 
@@ -195,9 +191,7 @@ def _assign_splits(
     items = manifest.items
     given = items[0].split is not None
     if given and any(item.split == "val" for item in items):
-        return {
-            s: np.array([i for i, it in enumerate(items) if it.split == s], dtype=np.int64) for s in SPLITS
-        }, None
+        return {s: np.array([i for i, it in enumerate(items) if it.split == s], dtype=np.int64) for s in SPLITS}, None
 
     rels = [item.rel for item in items]
     keyed = [(item.rel, f"{item.label}|{item.split or ''}") for item in items]
@@ -205,29 +199,21 @@ def _assign_splits(
     saved = load_split(path, rels) if path is not None else None
     if saved is not None:
         where = {rel: split for split, members in saved.items() for rel in members}
-        return {
-            s: np.array([i for i, r in enumerate(rels) if where[r] == s], dtype=np.int64) for s in SPLITS
-        }, path
+        return {s: np.array([i for i, r in enumerate(rels) if where[r] == s], dtype=np.int64) for s in SPLITS}, path
 
     if given:  # train/ and test/ given: carve validation out of train, stratified
         train_idx = np.array([i for i, it in enumerate(items) if it.split == "train"], dtype=np.int64)
-        parts = stratified_split(
-            y[train_idx], {"train": 1 - VAL_FRACTION_OF_TRAIN, "val": VAL_FRACTION_OF_TRAIN}, seed
-        )
+        parts = stratified_split(y[train_idx], {"train": 1 - VAL_FRACTION_OF_TRAIN, "val": VAL_FRACTION_OF_TRAIN}, seed)
         test_idx = np.array([i for i, it in enumerate(items) if it.split == "test"], dtype=np.int64)
         splits = {"train": train_idx[parts["train"]], "val": train_idx[parts["val"]], "test": test_idx}
     else:
         splits = stratified_split(y, DEFAULT_FRACTIONS, seed)
     if path is not None:
-        save_split(
-            path, {s: [rels[i] for i in splits[s]] for s in SPLITS}, seed=seed, source=str(manifest.source)
-        )
+        save_split(path, {s: [rels[i] for i in splits[s]] for s in SPLITS}, seed=seed, source=str(manifest.source))
     return splits, path
 
 
-def _check_splits(
-    manifest: Manifest, classes: list[str], y: np.ndarray, splits: dict[str, np.ndarray]
-) -> None:
+def _check_splits(manifest: Manifest, classes: list[str], y: np.ndarray, splits: dict[str, np.ndarray]) -> None:
     where = manifest.source
     train_counts = np.bincount(y[splits["train"]], minlength=len(classes))
     empty = [classes[c] for c in np.flatnonzero(train_counts == 0)]
@@ -251,9 +237,7 @@ def _decode_resized(path: Path, target: int) -> torch.Tensor:
     return resize_uint8(img.unsqueeze(0), target)[0]
 
 
-def load_folder(
-    path: Path, *, image_size: int | None = None, split_dir: Path | None = None, seed: int = 0
-) -> Dataset:
+def load_folder(path: Path, *, image_size: int | None = None, split_dir: Path | None = None, seed: int = 0) -> Dataset:
     """Load an image folder or CSV manifest (see the module doc for layouts, sizes and splits)."""
     manifest = scan(path)
     items = manifest.items
@@ -306,3 +290,30 @@ def load_folder(
             "class_counts": dict(Counter(item.label for item in items)),
         },
     )
+
+
+def load_unlabeled_folder(path: Path, *, image_size: int | None = None) -> tuple[str, str, torch.Tensor]:
+    """Every image under `path`, any layout, no labels needed (self-supervised pre-training).
+
+    Images under `val/` or `test/` sub-folders are left out, so pre-training on a labeled folder never
+    sees the images it will be evaluated on. Returns (name, content key, uint8 N×C×H×W).
+    """
+    files = [
+        f
+        for f in _images_under(path)
+        if not any(part.lower() in ("val", "valid", "validation", "test") for part in f.relative_to(path).parts[:-1])
+    ]
+    if not files:
+        raise MedpretrainError(f"No readable images found under {path}", "put PNG, JPEG, TIFF or DICOM files in it")
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        native = int(np.median([max(h, w) for h, w in pool.map(peek_size, files)]))
+        target = image_size if image_size is not None else min(native, MAX_AUTO_IMAGE_SIZE)
+        decoded = list(pool.map(lambda f: _decode_resized(f, target), files))
+    if any(t.shape[0] == 3 for t in decoded):
+        decoded = [t.expand(3, -1, -1) if t.shape[0] == 1 else t for t in decoded]
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return path.name, f"{path.name}-unlabeled-{h.hexdigest()[:10]}-px{target}", torch.stack(decoded).contiguous()

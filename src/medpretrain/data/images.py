@@ -27,9 +27,7 @@ def _has_dicom_magic(path: Path) -> bool:
 
 
 def is_dicom(path: Path) -> bool:
-    return path.suffix.lower() == ".dcm" or (
-        path.suffix.lower() not in IMAGE_SUFFIXES and _has_dicom_magic(path)
-    )
+    return path.suffix.lower() == ".dcm" or (path.suffix.lower() not in IMAGE_SUFFIXES and _has_dicom_magic(path))
 
 
 def is_image_file(path: Path) -> bool:
@@ -95,11 +93,7 @@ def _normalise_layout(arr: np.ndarray) -> np.ndarray:
         raise ValueError(f"unsupported array shape {arr.shape}")
     arr = to_uint8(arr)
     # Gray pictures saved as RGB (common for exported X-rays) are gray: keep one channel.
-    if (
-        arr.ndim == 3
-        and np.array_equal(arr[..., 0], arr[..., 1])
-        and np.array_equal(arr[..., 0], arr[..., 2])
-    ):
+    if arr.ndim == 3 and np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
         arr = arr[..., 0]
     arr = np.ascontiguousarray(arr)
     return arr if arr.flags.writeable else arr.copy()  # torch.from_numpy warns on read-only PIL buffers

@@ -65,9 +65,7 @@ def check_flag(flag: str) -> str:
 def check_size(flag: str, size: int) -> int:
     sizes = available_sizes(flag)
     if size not in sizes:
-        raise MedpretrainError(
-            f"MedMNIST has no size {size} for '{flag}'", f"use one of {', '.join(map(str, sizes))}"
-        )
+        raise MedpretrainError(f"MedMNIST has no size {size} for '{flag}'", f"use one of {', '.join(map(str, sizes))}")
     return size
 
 
@@ -202,8 +200,7 @@ def verify_file(path: Path, expected_md5: str) -> None:
     _VERIFIED[memo_key] = md5
     if md5 != expected_md5:
         raise MedpretrainError(
-            f"MedMNIST file {path} is corrupt or not the official release "
-            f"(md5 {md5}, expected {expected_md5})",
+            f"MedMNIST file {path} is corrupt or not the official release (md5 {md5}, expected {expected_md5})",
             "delete it and run again to re-download it (or download it again by hand)",
         )
 
@@ -257,9 +254,7 @@ def ensure_file(flag: str, size: int = NATIVE_SIZE) -> Path:
         except MedpretrainError:
             raise
         except (OSError, urllib.error.URLError, ValueError) as exc:
-            raise MedpretrainError(
-                f"MedMNIST file {path} not found and download failed ({exc})", how
-            ) from exc
+            raise MedpretrainError(f"MedMNIST file {path} not found and download failed ({exc})", how) from exc
     verify_file(path, md5)
     return path
 

@@ -1,0 +1,252 @@
+"""Self-supervised pre-training: the one Lightning loop every method runs in.
+
+A pre-training is content-addressed: the hash of (unlabeled data, sizes, method, its full
+hyper-parameters, backbone, stem, starting init, epochs, seed) names its files, so the same request
+reuses the finished checkpoint. Files under `<out>/`:
+
+- `<name>.pt`          the result: backbone weights in timm's key layout plus method, config, history;
+- `<name>.log.json`    one record per epoch (loss, lr, images/s, std of normalised embeddings);
+- `<name>.resume.ckpt` Lightning's full state after the last finished epoch (removed on success).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.utils.debug import std_of_l2_normalized
+from torch.utils.data import DataLoader, TensorDataset
+
+from medpretrain.data import load_unlabeled
+from medpretrain.errors import MedpretrainError
+from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
+from medpretrain.runtime import stable_hash
+from medpretrain.ssl import Method, get_method, method_config
+from medpretrain.train import make_trainer, quiet_lightning
+
+
+@dataclass
+class PretrainRequest:
+    """What to pre-train. `dataset` is the unlabeled source: a MedMNIST flag or an image folder."""
+
+    dataset: str
+    method: str
+    backbone: str = "resnet18"
+    epochs: int = 50
+    init: str = "scratch"
+    size: int = 28
+    image_size: int | None = None
+    small_stem: bool = False
+    seed: int = 0
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise MedpretrainError(f"epochs must be at least 1, got {self.epochs}", "use e.g. --epochs 50")
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The method's full hyper-parameters (defaults + overrides): part of the identity."""
+        return method_config(self.method, self.hparams).model_dump()
+
+    def identity(self, dataset_key: str) -> dict[str, Any]:
+        ident = asdict(self)
+        ident.pop("hparams")
+        ident.update(dataset=dataset_key, config=self.config, init=parse_init(self.init).key)
+        return ident
+
+    def name(self, dataset_name: str, dataset_key: str) -> str:
+        return f"{self.method}-{self.backbone}-{dataset_name}-px{self.image_size}-e{self.epochs}-" + stable_hash(
+            self.identity(dataset_key), length=12
+        )
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class PretrainModule(pl.LightningModule):
+    """Wraps a Method for Lightning: views on the device, loss, momentum updates, per-epoch log."""
+
+    def __init__(self, method: Method, *, seed: int, log_path: Path, resume_path: Path) -> None:
+        super().__init__()
+        self.method = method
+        self.seed = seed
+        self.log_path = log_path
+        self.resume_path = resume_path
+        self.history: list[dict[str, Any]] = []
+        self._epoch: dict[str, float] = {}
+
+    def configure_optimizers(self) -> Any:
+        steps_per_epoch = max(1, self.trainer.num_training_batches)
+        return self.method.configure_optimizers(steps_per_epoch * self.trainer.max_epochs, steps_per_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch = {"loss": 0.0, "images": 0.0, "batches": 0.0, "std": 0.0, "started": time.perf_counter()}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (images,) = batch
+        # One generator per step, derived from the seed and the step: a resumed run draws the same views.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+        out = self.method.step(self.method.views(images, generator))
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLoss(f"epoch {self.current_epoch + 1}, step {self.global_step}")
+        n = images.shape[0]
+        seconds = time.perf_counter() - self._epoch["started"]
+        self._epoch["loss"] += out.loss.item() * n
+        self._epoch["images"] += n
+        self._epoch["batches"] += 1
+        self._epoch["std"] += std_of_l2_normalized(out.embedding.detach().float()).item()
+        self.log("loss", out.loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("img/s", self._epoch["images"] / max(seconds, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        total = self.trainer.num_training_batches * self.trainer.max_epochs
+        self.method.after_step(self.global_step, total)
+
+    def on_train_epoch_end(self) -> None:
+        e = self._epoch
+        seconds = time.perf_counter() - e["started"]
+        self.history.append(
+            {
+                "epoch": self.current_epoch + 1,
+                "loss": e["loss"] / max(e["images"], 1),
+                "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                "images_per_s": e["images"] / max(seconds, 1e-9),
+                "embedding_std": e["std"] / max(e["batches"], 1),
+                "seconds": seconds,
+            }
+        )
+        if self.trainer.is_global_zero:
+            _atomic_write_text(self.log_path, json.dumps(self.history, indent=1))
+        # Saved here, after the history is updated, so the file always holds every finished epoch.
+        _atomic_trainer_save(self.trainer, self.resume_path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medpretrain_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("medpretrain_history", []))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_trainer_save(trainer: pl.Trainer, path: Path) -> None:
+    """Lightning writes in place; a kill during the write would corrupt the only resume point."""
+    tmp = path.with_suffix(".tmp")
+    trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+
+
+def _finished_epochs(path: Path) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return int(state.get("epoch", 0)) + 1
+
+
+def pretrain(
+    request: PretrainRequest,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    log: Any = print,
+) -> Path:
+    """Pre-train (or reuse) and return the path of the finished checkpoint."""
+    out_dir = Path(out_dir)
+    method_cls = get_method(request.method)
+    init = parse_init(request.init)
+    if request.image_size is None:
+        request.image_size = (
+            int(checkpoint_meta(init.path).get("image_size", request.size)) if init.path else request.size
+        )
+    # Training images only and no labels: pre-training is self-supervised and never sees val/test images.
+    data_name, data_key, images = load_unlabeled(
+        request.dataset, size=request.size, image_size=request.image_size, split_dir=out_dir / "splits"
+    )
+    config = method_config(request.method, request.hparams)
+    if len(images) < config.batch_size:
+        raise MedpretrainError(
+            f"{data_name} has {len(images)} training images, fewer than one batch of {config.batch_size}",
+            f"use --batch-size {max(2, len(images) // 2)} or more data",
+        )
+    name = request.name(data_name, data_key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, log_path, resume_path = out_dir / f"{name}.pt", out_dir / f"{name}.log.json", out_dir / f"{name}.resume.ckpt"
+    if final.exists():
+        log(f"reusing finished pre-training {final}")
+        return final
+
+    ckpt_path = None
+    if resume_path.exists():
+        if restart:
+            resume_path.unlink()
+        elif resume:
+            ckpt_path = str(resume_path)
+            log(f"resumed from epoch {_finished_epochs(resume_path)}")
+        else:
+            raise MedpretrainError(
+                f"an interrupted run of this exact pre-training exists"
+                f" ({resume_path}, {_finished_epochs(resume_path)} epochs done)",
+                "add --resume to continue it or --restart to discard it",
+            )
+
+    backbone, report = build_model(
+        request.backbone, init, small_stem=request.small_stem, seed=request.seed, img_size=request.image_size
+    )
+    if init.kind != "scratch":
+        log(f"starting from {report.summary()}")
+    if backbone.family not in method_cls.backbone_families:
+        raise MedpretrainError(
+            f"method {request.method} does not work with backbone {request.backbone}",
+            f"use a backbone of family {', '.join(method_cls.backbone_families)}",
+        )
+    method = method_cls(backbone, config, channels=int(images.shape[1]), image_size=request.image_size)
+    module = PretrainModule(method, seed=request.seed, log_path=log_path, resume_path=resume_path)
+    pl.seed_everything(request.seed, workers=True, verbose=False)
+    loader = DataLoader(
+        TensorDataset(images),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,  # memory queues and batch statistics assume full batches
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(request.seed),
+    )
+    trainer = make_trainer(max_epochs=request.epochs, progress=progress)
+    try:
+        with quiet_lightning():
+            trainer.fit(module, loader, ckpt_path=ckpt_path)
+    except NonFiniteLoss as err:
+        kept = f"the last good state is kept in {resume_path}" if resume_path.exists() else "no epoch had finished"
+        raise MedpretrainError(
+            f"pre-training stopped: the loss became NaN/inf at {err}; {kept}",
+            "lower the learning rate (--lr) or the batch size, then re-run with --resume",
+        ) from None
+    if trainer.is_global_zero:
+        identity = request.identity(data_key)
+        tmp = final.with_suffix(".tmp")
+        save_checkpoint(
+            tmp, backbone, image_size=request.image_size, method=request.method, config=identity, history=module.history
+        )
+        os.replace(tmp, final)
+        resume_path.unlink(missing_ok=True)
+    last = module.history[-1] if module.history else {}
+    if last and not math.isfinite(last.get("loss", 0.0)):
+        raise MedpretrainError("pre-training ended with a non-finite loss", "lower --lr and re-run with --restart")
+    return final
