@@ -137,9 +137,7 @@ def test_md5_mismatch_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert str(tmp_path / "breastmnist.npz") in str(err.value)
 
 
-def test_unreadable_npz_with_matching_md5_is_an_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_unreadable_npz_with_matching_md5_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEDPRETRAIN_DATA", str(tmp_path))
     bad = tmp_path / "breastmnist.npz"
     bad.write_bytes(b"garbage")
@@ -205,9 +203,7 @@ def test_list_datasets_shows_shared_files() -> None:
     assert available == set(SHARED_FLAGS)
     blood = next(r for r in rows if r.flag == "bloodmnist")
     assert (blood.n_train, blood.n_val, blood.n_test) == (11959, 1712, 3421)
-    assert (
-        blood.n_classes == 8 and blood.task is Task.MULTICLASS and blood.path == data_dir() / "bloodmnist.npz"
-    )
+    assert blood.n_classes == 8 and blood.task is Task.MULTICLASS and blood.path == data_dir() / "bloodmnist.npz"
     chest = next(r for r in rows if r.flag == "chestmnist")
     assert chest.task is Task.MULTILABEL and not chest.available
     assert all(not r.available for r in list_datasets(size=224))
@@ -219,9 +215,7 @@ def test_list_datasets_shows_shared_files() -> None:
 
 def _png(path: Path, seed: int, *, shape: tuple[int, ...] = (40, 40), value: int | None = None) -> None:
     rng = np.random.default_rng(seed)
-    arr = (
-        np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 256, shape, dtype=np.uint8)
-    )
+    arr = np.full(shape, value, np.uint8) if value is not None else rng.integers(0, 256, shape, dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
 
@@ -350,9 +344,7 @@ def test_dicom_rescale_window_and_monochrome1(tmp_path: Path) -> None:
     assert m2.dtype == np.uint8 and m2.shape == (16, 16) and m2.min() == 0 and m2.max() == 255
     assert np.array_equal(m1, 255 - m2)
     # CT-like: slope/intercept to HU, then a window of [0, 1000] HU clips the low half of the ramp.
-    _dicom(
-        tmp_path / "ct.dcm", ramp, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=500, WindowWidth=1000
-    )
+    _dicom(tmp_path / "ct.dcm", ramp, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=500, WindowWidth=1000)
     ct = read_image(tmp_path / "ct.dcm")
     hu = ramp.astype(float) - 1000
     assert (ct[hu <= 0] == 0).all() and (ct[hu >= 1000] == 255).all()

@@ -152,9 +152,7 @@ def lite0_source() -> dict[str, torch.Tensor]:
 def test_efficientnet_lite0_imagenet_loads_every_tensor(lite0_source: dict[str, torch.Tensor]) -> None:
     backbone, report = build_model("efficientnet_lite0", "imagenet")
     reference = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).state_dict()
-    n_classifier = len(timm.create_model("efficientnet_lite0", num_classes=1000).state_dict()) - len(
-        reference
-    )
+    n_classifier = len(timm.create_model("efficientnet_lite0", num_classes=1000).state_dict()) - len(reference)
     assert n_classifier == 2
     assert len(report.loaded) == len(reference) == len(lite0_source) - n_classifier
     assert report.missing == () and report.unexpected == ()

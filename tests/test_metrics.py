@@ -31,10 +31,7 @@ def test_kappa_is_quadratic_for_ordinal():
     y = np.array([0, 1, 2, 3, 4] * 20)
     off_by_one = np.eye(5)[np.clip(y + 1, 0, 4)]
     far_off = np.eye(5)[4 - y]
-    assert (
-        score(y, off_by_one, Task.ORDINAL, n_boot=50)["kappa"]
-        > score(y, far_off, Task.ORDINAL, n_boot=50)["kappa"]
-    )
+    assert score(y, off_by_one, Task.ORDINAL, n_boot=50)["kappa"] > score(y, far_off, Task.ORDINAL, n_boot=50)["kappa"]
 
 
 def test_multilabel():

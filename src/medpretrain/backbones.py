@@ -90,9 +90,7 @@ def get_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise MedpretrainError(
-            f"unknown backbone {name!r}", f"choose one of: {', '.join(sorted(BACKBONES))}"
-        ) from None
+        raise MedpretrainError(f"unknown backbone {name!r}", f"choose one of: {', '.join(sorted(BACKBONES))}") from None
 
 
 def _small_resnet_stem(model: nn.Module) -> None:
@@ -121,8 +119,7 @@ class Backbone(nn.Module):
         """uint8 or [0, 1] float, N×C×H×W with C in {1, 3} → ImageNet-normalised float N×3×H×W."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise MedpretrainError(
-                f"backbone {self.name} expects N×C×H×W images with 1 or 3 channels, got shape "
-                f"{tuple(x.shape)}",
+                f"backbone {self.name} expects N×C×H×W images with 1 or 3 channels, got shape {tuple(x.shape)}",
                 "convert images to channels-first with 1 (grayscale) or 3 (RGB) channels",
             )
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(self.mean.dtype)

@@ -26,9 +26,7 @@ class Budget:
 
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.shots is None):
-            raise MedpretrainError(
-                "a budget needs exactly one of fraction or shots", "use --fraction or --shots"
-            )
+            raise MedpretrainError("a budget needs exactly one of fraction or shots", "use --fraction or --shots")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise MedpretrainError(
                 f"fraction {self.fraction} is outside (0, 1]", "use e.g. --fraction 0.01 for 1% of the labels"
@@ -67,9 +65,7 @@ def _imbalanced_counts(counts: np.ndarray, ratio: float) -> np.ndarray:
     return np.minimum(counts, np.maximum(1, np.round(target))).astype(int)
 
 
-def select(
-    labels: np.ndarray, task: Task, budget: Budget, seed: int, classes: list[str] | None = None
-) -> np.ndarray:
+def select(labels: np.ndarray, task: Task, budget: Budget, seed: int, classes: list[str] | None = None) -> np.ndarray:
     """Indices into the training split that keep their labels under `budget` for `seed` (sorted)."""
     labels = np.asarray(labels)
     if Task(task) is Task.MULTILABEL:
@@ -80,9 +76,7 @@ def select(
     available = np.array([len(o) for o in order])
     if (available == 0).any():
         missing = names[int(np.flatnonzero(available == 0)[0])]
-        raise MedpretrainError(
-            f"class '{missing}' has no training images", "every class needs labeled images"
-        )
+        raise MedpretrainError(f"class '{missing}' has no training images", "every class needs labeled images")
     if budget.fraction is not None:
         take = np.floor(budget.fraction * available + 0.5).astype(int)
         if (take < 1).any():

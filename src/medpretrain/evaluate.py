@@ -79,9 +79,7 @@ def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[
     """Evaluate one cell; returns (row, test probabilities). Nothing is stored here."""
     started = time.perf_counter()
     protocol = get_protocol(cell.protocol)
-    dataset = load_dataset(
-        cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits"
-    )
+    dataset = load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
     train_idx = select(dataset.labels["train"], dataset.task, cell.budget, cell.seed, dataset.classes)
     cache = FeatureCache(cache_root(out_dir))
     ctx = EvalContext(
@@ -92,9 +90,7 @@ def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[
         small_stem=cell.small_stem,
         seed=cell.seed,
         params=cell.params,
-        features=lambda: cache.get(
-            cell.init_spec, cell.backbone, cell.small_stem, dataset, progress=progress
-        ),
+        features=lambda: cache.get(cell.init_spec, cell.backbone, cell.small_stem, dataset, progress=progress),
         progress=progress,
     )
     prediction = protocol.run(ctx)
@@ -132,9 +128,7 @@ def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[
     return row, prediction.test_proba
 
 
-def run_cells(
-    cells: Iterable[Cell], store: Store, *, progress: bool = True, log: Any = print
-) -> list[dict[str, Any]]:
+def run_cells(cells: Iterable[Cell], store: Store, *, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
     """Run every cell not yet in the store, committing each row as soon as its cell ends."""
     cells = list(cells)
     rows = []

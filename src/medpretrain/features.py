@@ -39,9 +39,7 @@ def extract(
     model = model.to(device).eval()
     use_amp = device.type == "cuda"
     chunks = []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False
-    ):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         batch = images[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=use_amp):
             chunks.append(model(batch).float().cpu())

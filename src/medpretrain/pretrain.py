@@ -87,8 +87,9 @@ class PretrainModule(pl.LightningModule):
         self._epoch: dict[str, float] = {}
 
     def configure_optimizers(self) -> Any:
-        steps_per_epoch = max(1, self.trainer.num_training_batches)
-        return self.method.configure_optimizers(steps_per_epoch * self.trainer.max_epochs, steps_per_epoch)
+        # num_training_batches is still unknown (inf) here; Lightning's estimate is the one that is ready.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return self.method.configure_optimizers(total, max(1, total // self.trainer.max_epochs))
 
     def on_train_epoch_start(self) -> None:
         self._epoch = {"loss": 0.0, "images": 0.0, "batches": 0.0, "std": 0.0, "started": time.perf_counter()}
@@ -111,8 +112,8 @@ class PretrainModule(pl.LightningModule):
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        total = self.trainer.num_training_batches * self.trainer.max_epochs
-        self.method.after_step(self.global_step, total)
+        # global_step already counts this step: methods receive the number of steps completed.
+        self.method.after_step(self.global_step, max(1, int(self.trainer.estimated_stepping_batches)))
 
     def on_train_epoch_end(self) -> None:
         e = self._epoch

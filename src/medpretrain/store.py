@@ -67,9 +67,7 @@ class Store:
         self.path = self.out_dir / "results.db"
         self.predictions_dir = self.out_dir / "predictions"
         with self._connect() as db:
-            db.execute(
-                f"CREATE TABLE IF NOT EXISTS results ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})"
-            )
+            db.execute(f"CREATE TABLE IF NOT EXISTS results ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60)

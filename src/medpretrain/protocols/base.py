@@ -25,9 +25,7 @@ class EvalContext:
     small_stem: bool
     seed: int
     params: dict[str, Any]
-    features: Callable[
-        [], dict[str, np.ndarray]
-    ]  # frozen features per split, cached on disk, computed lazily
+    features: Callable[[], dict[str, np.ndarray]]  # frozen features per split, cached on disk, computed lazily
     progress: bool = True
 
 

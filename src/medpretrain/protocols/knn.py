@@ -47,9 +47,7 @@ class KNNProbe(Protocol):
         def fit_and_score(k: int) -> tuple[float, Any]:
             model = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=params["weights"])
             model.fit(x_train, y_train)
-            return auc(
-                ctx.dataset.labels["val"], _knn_proba(model, features["val"], n_classes, task), task
-            ), model
+            return auc(ctx.dataset.labels["val"], _knn_proba(model, features["val"], n_classes, task), task), model
 
         best_k, model, trace = choose_on_validation(candidates, fit_and_score)
         return Prediction(

@@ -90,7 +90,9 @@ class MAE(Method):
         # Both initialisations are skipped so the backbone keeps whatever init the run asked for (scratch,
         # ImageNet, a checkpoint); its learnable position embedding stays learnable (MAE reports fixed
         # sin-cos and learned embeddings perform alike). The wrapper shares the ViT's modules, it copies nothing.
-        self.encoder = MaskedVisionTransformerTIMM(vit=vit, weight_initialization="skip", pos_embed_initialization="skip")
+        self.encoder = MaskedVisionTransformerTIMM(
+            vit=vit, weight_initialization="skip", pos_embed_initialization="skip"
+        )
         # The encoder-side mask token is only used by SimMIM-style masking, not by MAE, which drops tokens;
         # frozen so DDP does not wait for its gradient.
         self.encoder.mask_token.requires_grad_(False)

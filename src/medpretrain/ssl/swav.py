@@ -132,11 +132,9 @@ class SwaV(Method):
         self.prototypes.normalize()
         h_global, z = self._embed(torch.cat(views[:N_GLOBAL]))
         z_global = list(z.chunk(N_GLOBAL))
-        z_local = (
-            list(self._embed(torch.cat(views[N_GLOBAL:]))[1].chunk(len(views) - N_GLOBAL))
-            if len(views) > N_GLOBAL
-            else []
-        )
+        z_local: list[torch.Tensor] = []
+        if len(views) > N_GLOBAL:
+            z_local = list(self._embed(torch.cat(views[N_GLOBAL:]))[1].chunk(len(views) - N_GLOBAL))
         high = [self.prototypes(x) for x in z_global]
         low = [self.prototypes(x) for x in z_local]
         queue = self._queue_scores(z_global, epoch)

@@ -89,7 +89,9 @@ class VAE(Method):
         x = self.fc_dec(z).view(z.shape[0], -1, self.start_size, self.start_size)
         logits = self.decoder(x)
         if logits.shape[-1] != self.image_size:
-            logits = F.interpolate(logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            logits = F.interpolate(
+                logits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return logits
 
     def step(self, views: list[Tensor]) -> StepOutput:
@@ -114,5 +116,7 @@ class VAE(Method):
         self.kl_weight.fill_(min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
 
     def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        self._kl_warmup_steps = round(self.config.kl_warmup_epochs * steps_per_epoch)
+        # An unknown epoch length (Lightning reports inf before the data is set up) disables the ramp.
+        per_epoch = steps_per_epoch if math.isfinite(steps_per_epoch) else 0
+        self._kl_warmup_steps = round(self.config.kl_warmup_epochs * per_epoch)
         return super().configure_optimizers(total_steps, steps_per_epoch)
