@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
-import warnings
 from collections.abc import Callable
 from itertools import product
 from pathlib import Path
@@ -45,14 +43,6 @@ def handle_errors(command: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def quiet_libraries() -> None:
-    """Lightning and friends log banners (GPU available: False, …) that bury our own output."""
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pytorch_lightning")
-    warnings.filterwarnings("ignore", module="lightning_fabric")
 
 
 @app.command()
@@ -125,7 +115,6 @@ def evaluate(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db."""
-    quiet_libraries()
     from medpretrain.backbones import get_spec
     from medpretrain.budgets import Budget
     from medpretrain.evaluate import Cell, resolve_image_size, run_cells
@@ -242,7 +231,6 @@ def pretrain(
 
     The same request again reuses the finished checkpoint (files are named by a hash of the request).
     """
-    quiet_libraries()
     from medpretrain.backbones import get_spec
     from medpretrain.pretrain import PretrainRequest
     from medpretrain.pretrain import pretrain as run_pretraining

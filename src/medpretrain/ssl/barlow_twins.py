@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules.heads import BarlowTwinsProjectionHead
 from pydantic import Field
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import MethodConfig, SymmetricTwoViewMethod, register_method
 
 
 class BarlowTwinsConfig(MethodConfig):
@@ -32,7 +31,7 @@ class BarlowTwinsConfig(MethodConfig):
 
 
 @register_method
-class BarlowTwins(Method):
+class BarlowTwins(SymmetricTwoViewMethod):
     name: ClassVar[str] = "barlow_twins"
     description: ClassVar[str] = "Barlow Twins: cross-correlation of two views' embeddings pushed to identity"
     family: ClassVar[str] = "non-contrastive"
@@ -46,13 +45,3 @@ class BarlowTwins(Method):
         self.criterion = BarlowTwinsLoss(lambda_param=config.lambda_offdiag, gather_distributed=True)
         base = contrastive_recipe().with_(output_size=image_size)
         self.recipes = (base.with_(blur_p=1.0, solarize_p=0.0), base.with_(blur_p=0.1, solarize_p=0.2))
-
-    def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [recipe(batch, generator=generator) for recipe in self.recipes]
-
-    def step(self, views: list[torch.Tensor]) -> StepOutput:
-        h0 = self.backbone(views[0])
-        z0, z1 = self.projection_head(h0), self.projection_head(self.backbone(views[1]))
-        with torch.autocast(device_type=z0.device.type, enabled=False):
-            loss = self.criterion(z0.float(), z1.float())
-        return StepOutput(loss=loss, embedding=h0.detach())

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from medpretrain.augment import ViewRecipe
 from medpretrain.backbones import Backbone
 from medpretrain.errors import MedpretrainError
 from medpretrain.train import warmup_cosine
@@ -101,6 +102,29 @@ class Method(nn.Module, ABC):
             optimizer, warmup_cosine(total_steps, cfg.warmup_epochs * steps_per_epoch)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class SymmetricTwoViewMethod(Method):
+    """Two views through the same backbone and projection head, one loss between the projections.
+
+    SimCLR, Barlow Twins and VICReg differ only in their head, their loss and their view recipes; subclasses
+    set `projection_head`, `criterion` and `recipes` (one recipe per view).
+    """
+
+    projection_head: nn.Module
+    criterion: nn.Module
+    recipes: tuple[ViewRecipe, ViewRecipe]
+
+    def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        return [recipe(batch, generator=generator) for recipe in self.recipes]
+
+    def step(self, views: list[torch.Tensor]) -> StepOutput:
+        h0 = self.backbone(views[0])
+        z0, z1 = self.projection_head(h0), self.projection_head(self.backbone(views[1]))
+        # The loss runs in float32 even under AMP: low-precision similarities and correlations overflow.
+        with torch.autocast(device_type=z0.device.type, enabled=False):
+            loss = self.criterion(z0.float(), z1.float())
+        return StepOutput(loss=loss, embedding=h0.detach())
 
 
 METHODS: dict[str, type[Method]] = {}

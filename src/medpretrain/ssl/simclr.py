@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import SimCLRProjectionHead
 from pydantic import Field
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import MethodConfig, SymmetricTwoViewMethod, register_method
 
 
 class SimCLRConfig(MethodConfig):
@@ -29,7 +28,7 @@ class SimCLRConfig(MethodConfig):
 
 
 @register_method
-class SimCLR(Method):
+class SimCLR(SymmetricTwoViewMethod):
     name: ClassVar[str] = "simclr"
     description: ClassVar[str] = "SimCLR: contrastive NT-Xent between two views, in-batch negatives"
     family: ClassVar[str] = "contrastive"
@@ -42,15 +41,5 @@ class SimCLR(Method):
         self.projection_head = SimCLRProjectionHead(nf, config.hidden_dim or nf, config.output_dim)
         # Gathering is a no-op on one process; under DDP it restores the paper's global-batch negatives.
         self.criterion = NTXentLoss(temperature=config.temperature, gather_distributed=True)
-        self.recipe = contrastive_recipe(blur_p=0.5).with_(output_size=image_size)
-
-    def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [self.recipe(batch, generator=generator) for _ in range(2)]
-
-    def step(self, views: list[torch.Tensor]) -> StepOutput:
-        h0, h1 = self.backbone(views[0]), self.backbone(views[1])
-        z0, z1 = self.projection_head(h0), self.projection_head(h1)
-        # The loss runs in float32 even under AMP: low-precision logits / τ overflow and lose the ranking.
-        with torch.autocast(device_type=z0.device.type, enabled=False):
-            loss = self.criterion(z0.float(), z1.float())
-        return StepOutput(loss=loss, embedding=h0.detach())
+        recipe = contrastive_recipe(blur_p=0.5).with_(output_size=image_size)
+        self.recipes = (recipe, recipe)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from lightly.loss import VICRegLoss
 from lightly.models.modules.heads import VICRegProjectionHead
 from pydantic import Field
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import MethodConfig, SymmetricTwoViewMethod, register_method
 
 
 class VICRegConfig(MethodConfig):
@@ -32,7 +31,7 @@ class VICRegConfig(MethodConfig):
 
 
 @register_method
-class VICReg(Method):
+class VICReg(SymmetricTwoViewMethod):
     name: ClassVar[str] = "vicreg"
     description: ClassVar[str] = "VICReg: invariance, per-dimension variance and decorrelation between two views"
     family: ClassVar[str] = "non-contrastive"
@@ -53,13 +52,3 @@ class VICReg(Method):
         )
         base = contrastive_recipe().with_(output_size=image_size)
         self.recipes = (base.with_(blur_p=1.0, solarize_p=0.0), base.with_(blur_p=0.1, solarize_p=0.2))
-
-    def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        return [recipe(batch, generator=generator) for recipe in self.recipes]
-
-    def step(self, views: list[torch.Tensor]) -> StepOutput:
-        h0 = self.backbone(views[0])
-        z0, z1 = self.projection_head(h0), self.projection_head(self.backbone(views[1]))
-        with torch.autocast(device_type=z0.device.type, enabled=False):
-            loss = self.criterion(z0.float(), z1.float())
-        return StepOutput(loss=loss, embedding=h0.detach())
