@@ -178,3 +178,22 @@ def test_learning_rate_follows_warmup_and_cosine(unlabeled, tmp_path):
     lrs = [h["lr"] for h in torch.load(path, map_location="cpu", weights_only=False)["history"]]
     assert all(np.isfinite(lrs)) and lrs[0] > 0
     assert lrs[0] > lrs[1] > lrs[2]  # warm-up ends within epoch 1, then cosine decay
+
+
+def test_continued_pretraining_starts_from_imagenet(unlabeled, tmp_path):
+    messages: list[str] = []
+    request = PretrainRequest(
+        dataset=str(unlabeled), method="simclr", backbone="efficientnet_lite0", init="imagenet", epochs=1,
+        image_size=32, hparams={"batch_size": 32},
+    )  # fmt: skip
+    path = pretrain(request, tmp_path, progress=False, log=messages.append)
+    assert any("ImageNet" in m or "efficientnet" in m.lower() for m in messages), messages
+    imagenet, _ = build_model("efficientnet_lite0", "imagenet")
+    continued, report = build_model("efficientnet_lite0", str(path))
+    assert not report.missing
+    stem_before = imagenet.model.conv_stem.weight
+    stem_after = continued.model.conv_stem.weight
+    # Continued from ImageNet: close to the ImageNet weights after one short epoch, yet changed by it.
+    assert not torch.equal(stem_before, stem_after)
+    assert torch.nn.functional.cosine_similarity(stem_before.flatten(), stem_after.flatten(), dim=0) > 0.9
+    assert checkpoint_meta(path)["image_size"] == 32
