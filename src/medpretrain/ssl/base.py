@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medpretrain.augment import ViewRecipe
@@ -38,6 +38,7 @@ class MethodConfig(BaseModel):
     lr: float = 0.06
     weight_decay: float = 5e-4
     momentum: float = 0.9  # SGD/LARS momentum
+    beta2: float = Field(0.999, gt=0, lt=1, description="Adam/AdamW β₂")
     warmup_epochs: int = 1
 
 
@@ -95,9 +96,9 @@ class Method(nn.Module, ABC):
         elif cfg.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
         elif cfg.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=lr)
+            optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, cfg.beta2))
         else:
-            optimizer = torch.optim.Adam(groups, lr=lr)
+            optimizer = torch.optim.Adam(groups, lr=lr, betas=(0.9, cfg.beta2))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(total_steps, cfg.warmup_epochs * steps_per_epoch)
         )

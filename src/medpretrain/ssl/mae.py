@@ -12,7 +12,7 @@ With the project's `vit_tiny`: ``--small-stem`` (4-px patches) gives 7×7 tokens
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class MAEConfig(MethodConfig):
     lr: float = 1.5e-4
     weight_decay: float = 0.05
     warmup_epochs: int = 5
-    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW β₂")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW β₂ (the papers' 0.95)")
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     decoder_dim: int = Field(256, gt=0)
     decoder_depth: int = Field(4, ge=1)
@@ -148,10 +148,3 @@ class MAE(Method):
         x = views[0]
         idx_keep, idx_mask = self.random_mask(x.shape[0], x.device)
         return self.forward_masked(x, idx_keep, idx_mask)
-
-    def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        conf = super().configure_optimizers(total_steps, steps_per_epoch)
-        if self.config.optimizer in ("adamw", "adam"):
-            for group in conf["optimizer"].param_groups:
-                group["betas"] = (0.9, self.config.beta2)
-        return conf

@@ -246,7 +246,7 @@ class SparKConfig(MethodConfig):
     lr: float = 2e-4
     weight_decay: float = 0.04
     warmup_epochs: int = 5
-    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW β₂")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW β₂ (the papers' 0.95)")
     mask_ratio: float = Field(0.6, gt=0, lt=1)
     decoder_width: int = Field(512, ge=16, description="decoder channels at the deepest scale, halved per scale")
     crop_scale_min: float = Field(0.67, gt=0, le=1, description="random resized crop keeps ≥ this area")
@@ -382,10 +382,3 @@ class SparK(Method):
     def step(self, views: list[Tensor]) -> StepOutput:
         x = views[0]
         return self.forward_masked(x, self.random_mask(x.shape[0], x.device))
-
-    def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        conf = super().configure_optimizers(total_steps, steps_per_epoch)
-        if self.config.optimizer in ("adamw", "adam"):
-            for group in conf["optimizer"].param_groups:
-                group["betas"] = (0.9, self.config.beta2)
-        return conf
