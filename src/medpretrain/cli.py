@@ -256,6 +256,65 @@ def pretrain(
     print(path)
 
 
+@app.command()
+@handle_errors
+def run(
+    study_file: Annotated[
+        Path | None,
+        typer.Argument(help="Study YAML (datasets, inits, protocols, budgets, seeds…).", show_default=False),
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="A shipped study instead of a file: quick or paper.")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory: results.db, predictions, checkpoints, report.html.")] = Path(
+        "runs/study"
+    ),
+    executor: Annotated[str, typer.Option(help="local (in this process) or ray (one task per cell).")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (e.g. auto); default: start a local Ray instance.")
+    ] = None,
+    report: Annotated[bool, typer.Option(help="Write report.html when the study is done.")] = True,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="Print the shipped presets and exit.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Run a whole study — pre-train, evaluate every cell, write the report — resumable at any point.
+
+    Killed at any moment, the same command again skips the finished cells and pre-training epochs.
+    Examples: `medpretrain run --preset quick --out runs/quick`; `medpretrain run study.yaml --out runs/mine`.
+    """
+    from medpretrain.study import load_study, preset_names, preset_text
+
+    if list_presets:
+        for name in preset_names():
+            console.rule(f"preset: {name}")
+            console.print(preset_text(name), highlight=False, markup=False)
+        return
+    study = load_study(study_file, preset=preset)
+    from medpretrain.runner import run_study
+    from medpretrain.summary import print_summary
+
+    result = run_study(
+        study, out, executor=executor, address=address, progress=progress, log=lambda m: err_console.print(m)
+    )
+    print_summary(result.rows, console)
+    console.print(f"results: {Path(out) / 'results.db'} ({result.cells_run} cells run, {result.cells_reused} reused)")
+    if report:
+        from medpretrain.report import build_report
+
+        console.print(f"report: {build_report(out)}")
+
+
+@app.command(name="report")
+@handle_errors
+def report_command(
+    out: Annotated[Path, typer.Argument(help="A run directory written by `medpretrain run` or `evaluate`.")],
+) -> None:
+    """(Re)build <out>/report.html from the results store: curves, tables, tests, Grad-CAM, UMAP, advice."""
+    from medpretrain.report import build_report
+
+    if not (out / "results.db").exists():
+        raise MedpretrainError(f"{out} has no results.db", "give the --out folder of a `medpretrain run`")
+    console.print(f"report: {build_report(out)}")
+
+
 def main() -> None:  # pragma: no cover - console-script shim for `python -m medpretrain`
     app()
     sys.exit(0)

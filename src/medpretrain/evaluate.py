@@ -53,13 +53,19 @@ class Cell:
     budget: Budget
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
 
     @cached_property
     def init_spec(self) -> InitSpec:
         return parse_init(self.init)
 
+    @property
+    def init_name(self) -> str:
+        return self.init_label or self.init_spec.label
+
     def config(self) -> dict[str, Any]:
         config = asdict(self)
+        config.pop("init_label")
         config["init_key"] = self.init_spec.key
         if self.init_spec.kind == "scratch" and get_protocol(self.protocol).uses_features:
             config["feature_seed"] = SCRATCH_FEATURE_SEED
@@ -72,11 +78,14 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return f"{self.dataset} · {self.init_spec.label} · {self.protocol} · {self.budget.label} · seed {self.seed}"
+        return f"{self.dataset} · {self.init_name} · {self.protocol} · {self.budget.label} · seed {self.seed}"
 
 
-def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[str, Any], Any]:
-    """Evaluate one cell; returns (row, test probabilities). Nothing is stored here."""
+def run_cell(
+    cell: Cell, out_dir: Path, *, progress: bool = True, keep_model: Path | None = None
+) -> tuple[dict[str, Any], Any]:
+    """Evaluate one cell; returns (row, test probabilities). Nothing is stored here except, for protocols
+    that train a network, the network itself at `keep_model` when given."""
     started = time.perf_counter()
     protocol = get_protocol(cell.protocol)
     dataset = load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
@@ -92,6 +101,7 @@ def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[
         params=cell.params,
         features=lambda: cache.get(cell.init_spec, cell.backbone, cell.small_stem, dataset, progress=progress),
         progress=progress,
+        keep_model=keep_model,
     )
     prediction = protocol.run(ctx)
     # The bootstrap seed is the cell's seed, so all inits of one seed share resamples (paired comparisons).
@@ -100,7 +110,7 @@ def run_cell(cell: Cell, out_dir: Path, *, progress: bool = True) -> tuple[dict[
     row = {
         "cell_key": cell.key,
         "dataset": dataset.name,
-        "init": cell.init_spec.label,
+        "init": cell.init_name,
         "backbone": cell.backbone,
         "protocol": cell.protocol,
         "fraction": cell.budget.fraction,

@@ -96,6 +96,28 @@ def file_sha256(path: Path) -> str:
     return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
+@functools.lru_cache(maxsize=64)
+def _pretraining_identity(path: str, size: int, mtime_ns: int) -> str | None:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT and obj.get("config", {}).get("method"):
+        from medpretrain.runtime import stable_hash
+
+        return stable_hash(obj["config"])
+    return None
+
+
+def checkpoint_key(path: Path) -> str:
+    """Our own pre-training checkpoints are named by their request (dataset, method, hyper-parameters, epochs,
+    seed…), so they are keyed by it: the same request trained on another machine or executor — whose floating
+    point differs in the last bits — is the same init. Any other file is keyed by its bytes."""
+    st = path.stat()
+    identity = _pretraining_identity(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return f"pre-{identity}" if identity else "ckpt-" + file_sha256(path)[:16]
+
+
 @dataclass(frozen=True)
 class InitSpec:
     """Which initialisation to use; `path` only for kind "checkpoint"."""
@@ -120,7 +142,7 @@ class InitSpec:
         if self.path is None:
             return self.kind
         _require_file(self.path)
-        return "ckpt-" + file_sha256(self.path)[:16]
+        return checkpoint_key(self.path)
 
     @property
     def label(self) -> str:

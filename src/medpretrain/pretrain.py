@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,6 +66,7 @@ class PretrainRequest:
         return ident
 
     def name(self, dataset_name: str, dataset_key: str) -> str:
+        dataset_name = re.sub(r"[^\w.-]+", "_", dataset_name).strip("_")  # subset specs carry [ , = ]
         return f"{self.method}-{self.backbone}-{dataset_name}-px{self.image_size}-e{self.epochs}-" + stable_hash(
             self.identity(dataset_key), length=12
         )

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medpretrain.augment import ViewRecipe, to_float
-from medpretrain.backbones import Backbone
+from medpretrain.backbones import Backbone, create_backbone
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.metrics import accuracy, auc, probabilities
@@ -194,6 +194,42 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+CLASSIFIER_FORMAT = "medpretrain-classifier/1"
+
+
+def save_classifier(path: str | Path, model: Classifier, *, image_size: int, task: Task, classes: list[str]) -> Path:
+    """Keep a fine-tuned network (for the report's Grad-CAM panels); written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CLASSIFIER_FORMAT,
+        "backbone_name": model.backbone.name,
+        "small_stem": model.backbone.small_stem,
+        "image_size": int(image_size),
+        "task": Task(task).value,
+        "classes": list(classes),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """A network written by `save_classifier`, in eval mode on the CPU, and its metadata."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
+        raise MedpretrainError(f"{path} is not a medpretrain fine-tuned model", "re-run the study to write it")
+    backbone = create_backbone(
+        payload["backbone_name"], small_stem=payload["small_stem"], img_size=payload["image_size"]
+    )
+    model = Classifier(backbone, len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model.eval(), meta
 
 
 @dataclass
@@ -512,9 +548,11 @@ __all__ = [
     "FinetuneResult",
     "default_precision",
     "finetune",
+    "load_classifier",
     "make_trainer",
     "param_groups",
     "predict_logits",
     "quiet_lightning",
+    "save_classifier",
     "warmup_cosine",
 ]

@@ -20,6 +20,7 @@ from medpretrain.data.medmnist import (
     list_datasets,
     load_medmnist,
 )
+from medpretrain.data.subset import parse_subset, subset_spec, take_subset
 from medpretrain.errors import MedpretrainError
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "load_unlabeled",
+    "parse_subset",
+    "subset_spec",
 ]
 
 _MEMO_SIZE = 8  # datasets at 224 px are large; keep a handful, a miss only costs a reload
@@ -55,10 +58,19 @@ def _load_folder_memo(
     return load_folder(path, image_size=image_size, split_dir=split_dir, seed=seed)
 
 
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _subset_memo(
+    base: str, limits: tuple[tuple[str, int], ...], size: int, image_size: int | None, split_dir: Path | None, seed: int
+) -> Dataset:
+    full = load_dataset(base, size=size, image_size=image_size, split_dir=split_dir, seed=seed)
+    return take_subset(full, dict(limits))
+
+
 def clear_cache() -> None:
     """Forget memoised data sets (tests, or after files changed in ways size/mtime do not show)."""
     _load_medmnist_memo.cache_clear()
     _load_folder_memo.cache_clear()
+    _subset_memo.cache_clear()
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -83,6 +95,9 @@ def load_dataset(
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise MedpretrainError(f"Invalid image size {image_size!r}", "use a positive number of pixels, e.g. 224")
     text = os.fspath(spec)
+    base, limits = parse_subset(text)
+    if limits:
+        return _subset_memo(base, tuple(limits.items()), size, image_size, split_dir, seed)
     key = text.strip().lower()
     if key in MEDMNIST_FLAGS:
         path = file_path(key, size)  # validates size
@@ -119,7 +134,7 @@ def load_unlabeled(
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
-    if text.strip().lower() in MEDMNIST_FLAGS or not path.is_dir():
+    if parse_subset(text)[1] or text.strip().lower() in MEDMNIST_FLAGS or not path.is_dir():
         dataset = load_dataset(spec, size=size, image_size=image_size, split_dir=split_dir)
         return dataset.name, dataset.key, dataset.images["train"]
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,6 +28,7 @@ class EvalContext:
     params: dict[str, Any]
     features: Callable[[], dict[str, np.ndarray]]  # frozen features per split, cached on disk, computed lazily
     progress: bool = True
+    keep_model: Path | None = None  # protocols that train a network save it here (for Grad-CAM)
 
 
 @dataclass
@@ -43,6 +45,11 @@ class Protocol(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     uses_features: ClassVar[bool]  # True: works on cached frozen features; False: trains the network
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def validate_params(self, params: dict[str, Any]) -> None:
+        """Raise MedpretrainError naming an unknown or invalid parameter (study files are checked up front)."""
+        params_or_default(params, self.defaults, self.name)
 
     @abstractmethod
     def run(self, ctx: EvalContext) -> Prediction: ...

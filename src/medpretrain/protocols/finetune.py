@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model
 from medpretrain.protocols.base import EvalContext, Prediction, Protocol, register_protocol
-from medpretrain.train import FinetuneConfig, finetune
+from medpretrain.train import FinetuneConfig, finetune, save_classifier
 
 
 def finetune_config(params: dict) -> FinetuneConfig:
@@ -26,12 +26,23 @@ class FineTune(Protocol):
     description = "full fine-tuning (AdamW, warm-up + cosine); epoch selected on validation AUC"
     uses_features = False
 
+    def validate_params(self, params: dict) -> None:
+        finetune_config(params)
+
     def run(self, ctx: EvalContext) -> Prediction:
         cfg = finetune_config(ctx.params)
         model, report = build_model(
             ctx.backbone, ctx.init, small_stem=ctx.small_stem, seed=ctx.seed, img_size=ctx.dataset.image_size
         )
         result = finetune(model, ctx.dataset, ctx.train_idx, cfg, seed=ctx.seed, progress=ctx.progress)
+        if ctx.keep_model is not None:
+            save_classifier(
+                ctx.keep_model,
+                result.model,
+                image_size=ctx.dataset.image_size,
+                task=ctx.dataset.task,
+                classes=ctx.dataset.classes,
+            )
         return Prediction(
             test_proba=result.test_proba,
             chosen={"epoch": result.best_epoch},

@@ -35,6 +35,7 @@ class KNNProbe(Protocol):
     name = "knn"
     description = "cosine k-nearest neighbours on frozen features; k chosen on validation AUC"
     uses_features = True
+    defaults = DEFAULTS
 
     def run(self, ctx: EvalContext) -> Prediction:
         params = params_or_default(ctx.params, DEFAULTS, self.name)

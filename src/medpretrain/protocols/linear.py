@@ -47,6 +47,7 @@ class LinearProbe(Protocol):
     name = "linear"
     description = "logistic regression on frozen features; C chosen on validation AUC"
     uses_features = True
+    defaults = DEFAULTS
 
     def run(self, ctx: EvalContext) -> Prediction:
         params = params_or_default(ctx.params, DEFAULTS, self.name)

@@ -1,0 +1,303 @@
+"""A study: the whole comparison grid, read from YAML and validated before anything trains.
+
+Every field is checked at the boundary (pydantic plus our registries), so a typo in a method, a protocol,
+a dataset or a budget fails in a second with the offending key named, not an hour into a run. Presets are
+study files shipped inside the package (`medpretrain/presets/*.yaml`).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medpretrain.errors import MedpretrainError
+
+# Measured here (BENCHMARKS.md): ImageNet features need upsampled inputs — EfficientNet-Lite0 linear probe on
+# pneumoniamnist, AUC 0.70 at 28 px vs 0.93 at 112 px — so a study with ImageNet-derived inits defaults to 112.
+IMAGENET_IMAGE_SIZE = 112
+
+
+class Pretraining(BaseModel):
+    """An init that the runner pre-trains first (once; the checkpoint is content-addressed and reused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    epochs: int = Field(gt=0)
+    init: str = "scratch"  # scratch, imagenet or a checkpoint: "ImageNet, then self-supervised on the domain"
+    unlabeled_from: str | None = None  # pre-train on another dataset / image folder (domain-mismatch studies)
+    seed: int = Field(0, ge=0)
+    hparams: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from medpretrain.ssl import METHODS
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; allowed: {', '.join(sorted(METHODS))}")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str) -> str:
+        return _check_init_text(value)
+
+    @model_validator(mode="after")
+    def _valid_hparams(self) -> Pretraining:
+        from medpretrain.ssl import method_config
+
+        try:
+            method_config(self.method, self.hparams)
+        except MedpretrainError as err:
+            raise ValueError(f"{err.message}; {err.hint}") from None
+        return self
+
+    @property
+    def display(self) -> str:
+        if self.label:
+            return self.label
+        start = {"scratch": "", "imagenet": "ImageNet→"}.get(self.init.lower(), f"{Path(self.init).stem}→")
+        source = f" on {self.unlabeled_from}" if self.unlabeled_from else ""
+        return f"{start}{self.method} ({self.epochs} ep{source})"
+
+
+class Budgets(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fractions: list[float] = Field(default_factory=list)
+    shots: list[int] = Field(default_factory=list)
+    imbalance: float | None = Field(None, gt=1, description="most/least frequent class ratio of the labeled subset")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        bad = [v for v in values if not 0 < v <= 1]
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        return sorted(set(values))
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, values: list[int]) -> list[int]:
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ValueError(f"shots (labeled images per class) must be ≥ 1, got {bad}")
+        return sorted(set(values))
+
+    @model_validator(mode="after")
+    def _some(self) -> Budgets:
+        if not self.fractions and not self.shots:
+            raise ValueError("give at least one of fractions or shots, e.g. {fractions: [0.01, 0.1, 1.0]}")
+        return self
+
+
+class DatasetEntry(BaseModel):
+    """A dataset, optionally limited to a fixed stratified subset per split (quick studies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    train: int | None = Field(None, ge=1)
+    val: int | None = Field(None, ge=1)
+    test: int | None = Field(None, ge=1)
+
+    @property
+    def spec(self) -> str:
+        from medpretrain.data import subset_spec
+
+        return subset_spec(self.name, {"train": self.train, "val": self.val, "test": self.test})
+
+
+class Study(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "study"
+    description: str = ""
+    size: int = Field(28, description="MedMNIST source resolution: 28, 64, 128 or 224")  # before datasets: read there
+    datasets: list[str | DatasetEntry] = Field(min_length=1)
+    backbone: str = "resnet18"
+    image_size: int | None = Field(None, ge=8)
+    small_stem: bool = False
+    inits: list[str | Pretraining] = Field(min_length=1)
+    protocols: list[str] = Field(default_factory=lambda: ["linear"], min_length=1)
+    budgets: Budgets
+    seeds: int = Field(3, ge=1)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    linear: dict[str, Any] = Field(default_factory=dict)
+    knn: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _available(cls, value: Any, info: Any) -> Any:
+        """`datasets: available` = every MedMNIST dataset present in the data directory (the paper preset)."""
+        if value != "available":
+            return value
+        from medpretrain.data import list_datasets
+
+        size = info.data.get("size", 28) if info.data else 28
+        found = [d.flag for d in list_datasets(size=size) if d.available]
+        if not found:
+            raise ValueError("no MedMNIST dataset found in the data directory; set MEDPRETRAIN_DATA or list datasets")
+        return found
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, values: list[str | DatasetEntry]) -> list[str | DatasetEntry]:
+        from medpretrain.data import MEDMNIST_FLAGS, parse_subset
+
+        for value in values:
+            base = value.name if isinstance(value, DatasetEntry) else parse_subset(value)[0]
+            if base.lower() not in MEDMNIST_FLAGS and not Path(base).expanduser().exists():
+                raise ValueError(
+                    f"unknown dataset '{base}'; allowed: a MedMNIST flag ({', '.join(MEDMNIST_FLAGS)}) "
+                    "or an existing image folder / CSV manifest"
+                )
+        return values
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        if value not in (28, 64, 128, 224):
+            raise ValueError(f"size must be one of 28, 64, 128, 224, got {value}")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from medpretrain.backbones import BACKBONES
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone '{value}'; allowed: {', '.join(sorted(BACKBONES))}")
+        return value
+
+    @field_validator("inits")
+    @classmethod
+    def _known_inits(cls, values: list[str | Pretraining]) -> list[str | Pretraining]:
+        for value in values:
+            if isinstance(value, str):
+                _check_init_text(value)
+        return values
+
+    @field_validator("protocols")
+    @classmethod
+    def _known_protocols(cls, values: list[str]) -> list[str]:
+        from medpretrain.protocols import PROTOCOLS
+
+        unknown = [v for v in values if v not in PROTOCOLS]
+        if unknown:
+            raise ValueError(f"unknown protocol {unknown}; allowed: {', '.join(sorted(PROTOCOLS))}")
+        return list(dict.fromkeys(values))
+
+    @model_validator(mode="after")
+    def _protocol_params(self) -> Study:
+        from medpretrain.protocols import get_protocol
+
+        for name in ("finetune", "linear", "knn"):
+            try:
+                get_protocol(name).validate_params(getattr(self, name))
+            except MedpretrainError as err:
+                raise ValueError(f"{name}: {err.message}; {err.hint}") from None
+        return self
+
+    @property
+    def dataset_specs(self) -> list[str]:
+        return [d.spec if isinstance(d, DatasetEntry) else d for d in self.datasets]
+
+    @property
+    def resolved_image_size(self) -> int:
+        """One image size for every init (a fair comparison): as given, else 112 px when any init starts
+        from ImageNet (see IMAGENET_IMAGE_SIZE), else the native size."""
+        if self.image_size is not None:
+            return self.image_size
+        starts = [i if isinstance(i, str) else i.init for i in self.inits]
+        return max(self.size, IMAGENET_IMAGE_SIZE) if any(s.lower() == "imagenet" for s in starts) else self.size
+
+    def params_for(self, protocol: str) -> dict[str, Any]:
+        return dict(getattr(self, protocol, {}) or {})
+
+
+def _check_init_text(value: str) -> str:
+    if value.strip().lower() in ("scratch", "imagenet"):
+        return value.strip().lower()
+    if not Path(value).expanduser().is_file():
+        raise ValueError(f"init '{value}' is neither scratch, imagenet nor an existing checkpoint file")
+    return str(Path(value).expanduser().resolve())
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    # pydantic reports union members as extra path parts ("str", "Pretraining"); users think in YAML keys.
+    parts = [str(p) for p in loc if p not in ("str", "Pretraining", "DatasetEntry") and "[" not in str(p)]
+    return ".".join(parts) or "(top level)"
+
+
+def validate_study(data: Any, source: str) -> Study:
+    """A Study from parsed YAML; the first problem becomes one MedpretrainError naming the key."""
+    if not isinstance(data, dict):
+        raise MedpretrainError(f"{source}: a study file must be a YAML mapping", "see `medpretrain run --help`")
+    try:
+        return Study(**data)
+    except ValidationError as err:
+        errors = err.errors()
+        # For `str | Model` unions pydantic lists one error per member; the model member's is the useful one.
+        first = next((e for e in errors if e["type"] not in ("string_type",)), errors[0])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        key = _location(first["loc"])
+        allowed = ""
+        if first["type"] == "extra_forbidden":
+            model = _model_at(first["loc"])
+            allowed = f"allowed keys here: {', '.join(model.model_fields)}" if model else ""
+        raise MedpretrainError(
+            f"{source}: {key}: {message}", allowed or "fix that key; `medpretrain run --list-presets` shows examples"
+        ) from None
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    names = {"Pretraining": Pretraining, "DatasetEntry": DatasetEntry}
+    for part in reversed(loc[:-1]):
+        if part in names:
+            return names[str(part)]
+        if part == "budgets":
+            return Budgets
+    return Study if len(loc) == 1 else None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("medpretrain.presets").iterdir()
+                  if p.name.endswith(".yaml"))  # fmt: skip
+
+
+def preset_text(name: str) -> str:
+    if name not in preset_names():
+        raise MedpretrainError(f"unknown preset '{name}'", f"choose one of: {', '.join(preset_names())}")
+    return resources.files("medpretrain.presets").joinpath(f"{name}.yaml").read_text()
+
+
+def load_study(path: str | Path | None = None, *, preset: str | None = None) -> Study:
+    """Read and validate a study file or a shipped preset."""
+    if (path is None) == (preset is None):
+        raise MedpretrainError("give either a study file or --preset", "e.g. medpretrain run --preset quick")
+    if preset is not None:
+        text, source = preset_text(preset), f"preset {preset}"
+    else:
+        file = Path(path).expanduser()  # type: ignore[arg-type]
+        if not file.is_file():
+            raise MedpretrainError(f"study file {file} does not exist", "give the path of a YAML study file")
+        text, source = file.read_text(), str(file)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise MedpretrainError(f"{source}: not valid YAML{where}", "check indentation and colons") from None
+    study = validate_study(data, source)
+    if study.name == "study":
+        study.name = preset or Path(source).stem
+    return study
