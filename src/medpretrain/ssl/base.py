@@ -9,12 +9,14 @@ logging, AMP/DDP.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from lightly.models.utils import deactivate_requires_grad
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -40,6 +42,14 @@ class MethodConfig(BaseModel):
     momentum: float = 0.9  # SGD/LARS momentum
     beta2: float = Field(0.999, gt=0, lt=1, description="Adam/AdamW β₂")
     warmup_epochs: int = 1
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of `module` for a momentum (key/target/teacher) encoder: lightly's `update_momentum`
+    moves it, the optimiser never does."""
+    twin = copy.deepcopy(module)
+    deactivate_requires_grad(twin)
+    return twin
 
 
 @dataclass

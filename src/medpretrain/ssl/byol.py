@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from pydantic import Field
 from torch import nn
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
 
 
 class BYOLConfig(MethodConfig):
@@ -50,10 +49,8 @@ class BYOL(Method):
         nf = backbone.num_features
         self.projection_head = BYOLProjectionHead(nf, config.hidden_dim, config.output_dim)
         self.prediction_head = BYOLPredictionHead(config.output_dim, config.hidden_dim, config.output_dim)
-        self.target_backbone = copy.deepcopy(backbone)
-        self.target_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.target_backbone)
-        deactivate_requires_grad(self.target_head)
+        self.target_backbone = momentum_copy(backbone)
+        self.target_head = momentum_copy(self.projection_head)
         # -cos differs from the paper's 2 - 2·cos only by an affine map; the gradients' direction is the same.
         self.criterion = NegativeCosineSimilarity()
         # The paper's asymmetric pair: always blurred / rarely blurred and sometimes solarised.

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules.heads import DINOProjectionHead
-from lightly.models.utils import deactivate_requires_grad, update_momentum
+from lightly.models.utils import update_momentum
 from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
 from pydantic import Field, model_validator
 from torch import nn
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
 
 # Multi-crop papers take 96 px local crops of 224 px images; below 12 px a CNN's 32× downsampling leaves
 # nothing to pool, so 28 px images get 12 px local crops.
@@ -102,10 +101,8 @@ class DINO(Method):
             norm_last_layer=config.norm_last_layer,
         )
         _parametrized_last_layer(self.student_head)
-        self.teacher_backbone = copy.deepcopy(backbone)
-        self.teacher_head = copy.deepcopy(self.student_head)
-        deactivate_requires_grad(self.teacher_backbone)
-        deactivate_requires_grad(self.teacher_head)
+        self.teacher_backbone = momentum_copy(backbone)
+        self.teacher_head = momentum_copy(self.student_head)
         # The loss owns the teacher centre (a buffer, so it is checkpointed); the temperature schedule is
         # driven per step below rather than by lightly's per-epoch fallback.
         self.criterion = DINOLoss(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import ClassVar, Literal
 
@@ -12,7 +11,6 @@ from lightly.models.modules.heads import MoCoProjectionHead
 from lightly.models.utils import (
     batch_shuffle_distributed,
     batch_unshuffle_distributed,
-    deactivate_requires_grad,
     update_momentum,
 )
 from lightly.utils.scheduler import cosine_schedule
@@ -21,7 +19,7 @@ from torch import nn
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
 
 
 class MoCoConfig(MethodConfig):
@@ -57,10 +55,8 @@ class MoCo(Method):
         super().__init__(backbone, config, channels=channels, image_size=image_size)
         nf = backbone.num_features
         self.projection_head = MoCoProjectionHead(nf, config.hidden_dim or nf, config.output_dim)
-        self.key_backbone = copy.deepcopy(backbone)
-        self.key_head = copy.deepcopy(self.projection_head)
-        deactivate_requires_grad(self.key_backbone)
-        deactivate_requires_grad(self.key_head)
+        self.key_backbone = momentum_copy(backbone)
+        self.key_head = momentum_copy(self.projection_head)
         self.criterion = NTXentLoss(
             temperature=config.temperature,
             memory_bank_size=(config.queue_size, config.output_dim),
