@@ -27,7 +27,7 @@ def invoke(*args: str | Path) -> object:
 
 
 def test_help_on_every_command():
-    for command in ([], ["datasets"], ["evaluate"]):
+    for command in ([], ["datasets"], ["evaluate"], ["methods"], ["pretrain"], ["run"], ["report"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output

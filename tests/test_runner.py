@@ -204,3 +204,17 @@ def test_ray_executor_gives_the_same_rows(tiny_study: Path, uninterrupted: Path,
     keys = row_keys(out)
     assert len(keys) == len(set(keys)) == N_CELLS
     assert set(keys) == set(row_keys(uninterrupted))
+
+
+def test_report_command_needs_a_run_directory(tmp_path: Path):
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "has no results.db" in result.output
+
+
+def test_run_needs_a_study_or_a_preset(tmp_path: Path):
+    for args in (["run"], ["run", str(tmp_path / "missing.yaml")], ["run", "--preset", "nope"]):
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, args
+        assert "error:" in result.output
+    assert not (tmp_path / "out").exists()

@@ -889,8 +889,9 @@ def _recommendation(run: _Run) -> list[dict[str, Any]]:
             protocol = best["protocol"]
             _, _, classes = run.labels(next(iter(run.seeds_of(best).values())))
             per_class = best["n_labeled"] / max(len(classes), 1)
+            about = _about(per_class)
             lead = (
-                f"With about {_about(per_class)} labels per class ({_budget_phrase(best)}, "
+                f"With about {about} label{'' if about == '1' else 's'} per class ({_budget_phrase(best)}, "
                 f"{best['n_labeled']:.0f} labeled images)"
             )
             same = [r for r in recs if r["protocol"] == protocol]
@@ -1035,6 +1036,7 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report-", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared and served
     os.replace(tmp, path)
 
 
