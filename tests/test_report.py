@@ -16,7 +16,6 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from html.parser import HTMLParser
 from pathlib import Path
@@ -33,7 +32,7 @@ from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell, run_cell
 from medpretrain.metrics import bootstrap
 from medpretrain.report import SECTIONS, build_report
-from medpretrain.runtime import hardware, library_versions
+from medpretrain.runtime import hardware, library_versions, torch_threads
 from medpretrain.store import Store
 from medpretrain.study import Study
 from medpretrain.summary import SUMMARY_METRICS, budget_label
@@ -48,18 +47,6 @@ P_VALUE = re.compile(r"p [=≤] \d")
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """CI machines here have 2 cores shared with other jobs; two torch threads competing with them made
-    1-epoch fine-tuning ~10× slower than one (measured: 21 s vs 2.2 s per cell)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _build_run(out: Path) -> None:
@@ -114,7 +101,7 @@ def built_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     report = out / "report.html"
     if not report.exists():
         shutil.rmtree(out, ignore_errors=True)  # a half-built directory from an interrupted fixture
-        with one_torch_thread():
+        with torch_threads(1):
             _build_run(out)
             build_report(out)
     return out, report
@@ -122,7 +109,7 @@ def built_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
-    with one_torch_thread():
+    with torch_threads(1):
         yield
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
+from medpretrain.runtime import torch_threads
 from medpretrain.train import Classifier
 
 UMAP_NEIGHBORS = 15
@@ -37,24 +37,12 @@ def _vit_reshape(model: Classifier, image_size: int) -> Callable[[torch.Tensor],
     return reshape
 
 
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """A handful of images gains nothing from intra-op threads, and on a busy machine the extra threads spin
-    against other work: Grad-CAM of 8 images took 2-5 s with 2 threads and 0.1 s with one (2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def gradcam_maps(model: Classifier, images: torch.Tensor, targets: list[int]) -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in [0, 1] of a few `images` (uint8 N×C×H×W), one output index per image."""
     x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
     reshape = _vit_reshape(model, x.shape[-1]) if model.backbone.family == "vit" else None
     with (
-        _one_torch_thread(),
+        torch_threads(1),
         GradCAM(model=model, target_layers=[model.backbone.gradcam_layer], reshape_transform=reshape) as cam,
     ):
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
@@ -63,7 +51,7 @@ def gradcam_maps(model: Classifier, images: torch.Tensor, targets: list[int]) ->
 
 def feature_grid(model: Classifier, image: torch.Tensor) -> tuple[int, int]:
     """Height and width of the last feature map for one image (1×1 means Grad-CAM cannot localise)."""
-    with _one_torch_thread(), torch.no_grad():
+    with torch_threads(1), torch.no_grad():
         maps = model.backbone.forward_maps(image[None] if image.ndim == 3 else image[:1])
     return int(maps.shape[-2]), int(maps.shape[-1])
 

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -67,3 +69,16 @@ def cache_root(out_dir: Path) -> Path:
     """Where reusable artefacts (feature arrays) live: $MEDPRETRAIN_CACHE, else `<out>/cache`."""
     env = os.environ.get("MEDPRETRAIN_CACHE")
     return Path(env) if env else Path(out_dir) / "cache"
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` intra-op threads. Small workloads gain nothing from more, and on a shared
+    2-core machine extra threads spin against other work: Grad-CAM of 8 images took 2-5 s with 2 threads
+    and 0.1 s with one; a 1-epoch fine-tuning cell 21 s vs 2.2 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -39,9 +39,7 @@ class Pretraining(BaseModel):
     def _known_method(cls, value: str) -> str:
         from medpretrain.ssl import METHODS
 
-        if value not in METHODS:
-            raise ValueError(f"unknown method '{value}'; allowed: {', '.join(sorted(METHODS))}")
-        return value
+        return _member(value, METHODS, "method")
 
     @field_validator("init")
     @classmethod
@@ -172,9 +170,7 @@ class Study(BaseModel):
     def _known_backbone(cls, value: str) -> str:
         from medpretrain.backbones import BACKBONES
 
-        if value not in BACKBONES:
-            raise ValueError(f"unknown backbone '{value}'; allowed: {', '.join(sorted(BACKBONES))}")
-        return value
+        return _member(value, BACKBONES, "backbone")
 
     @field_validator("inits")
     @classmethod
@@ -220,6 +216,12 @@ class Study(BaseModel):
 
     def params_for(self, protocol: str) -> dict[str, Any]:
         return dict(getattr(self, protocol, {}) or {})
+
+
+def _member(value: str, registry: Any, what: str) -> str:
+    if value not in registry:
+        raise ValueError(f"unknown {what} '{value}'; allowed: {', '.join(sorted(registry))}")
+    return value
 
 
 def _check_init_text(value: str) -> str:
