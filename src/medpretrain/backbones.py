@@ -114,6 +114,12 @@ class Backbone(nn.Module):
         # appears in (or is expected from) checkpoints.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # NHWC convolutions: measured here (2 CPU cores, training) ResNet-18 at 28 px 278 → 342 img/s and
+        # EfficientNet-Lite0 at 112 px 37 → 54 img/s; on GPUs it is what AMP's tensor cores want. Weights keep
+        # their shapes and names, so state_dicts and checkpoints are unaffected.
+        self.channels_last = family != "vit"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def prepare(self, x: Tensor) -> Tensor:
         """uint8 or [0, 1] float, N×C×H×W with C in {1, 3} → ImageNet-normalised float N×3×H×W."""
@@ -125,7 +131,8 @@ class Backbone(nn.Module):
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(self.mean.dtype)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: Tensor) -> Tensor:
         """Pooled features, (N, num_features)."""
