@@ -18,6 +18,7 @@ import torch
 
 import medpretrain.ssl  # noqa: F401  (registers the methods)
 from medpretrain.budgets import Budget
+from medpretrain.cli import parse_hparams
 from medpretrain.evaluate import Cell, run_cells
 from medpretrain.pretrain import PretrainRequest, pretrain
 from medpretrain.store import Store
@@ -49,21 +50,26 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.01])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--small-stem", action="store_true", help="ResNet small stem for every method")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default="auto", help="auto, 32-true, bf16-mixed or 16-mixed")
+    parser.add_argument("--hp", nargs="*", default=[], help="method hyper-parameters as key=value")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ssl"))
     args = parser.parse_args()
     store = Store(args.out / "eval")
     baselines = {}
     for method in args.methods:
-        backbone, small_stem = SETTINGS.get(method, ("resnet18", False))
+        backbone, small_stem = SETTINGS.get(method, ("resnet18", args.small_stem))
         if (backbone, small_stem) not in baselines:
             baselines[backbone, small_stem] = probe("scratch", backbone, small_stem, args, store)
             print(json.dumps({"init": "scratch", "backbone": backbone, "small_stem": small_stem,
                               **baselines[backbone, small_stem]}), flush=True)  # fmt: skip
-        hparams = {"batch_size": args.batch_size} if args.batch_size else {}
+        hparams = parse_hparams(args.hp)
+        if args.batch_size:
+            hparams["batch_size"] = args.batch_size
         request = PretrainRequest(
             dataset=args.dataset, method=method, backbone=backbone, epochs=args.epochs,
-            image_size=args.image_size, small_stem=small_stem, hparams=hparams,
+            image_size=args.image_size, small_stem=small_stem, hparams=hparams, precision=args.precision,
         )  # fmt: skip
         started = time.perf_counter()
         checkpoint = pretrain(request, args.out / "ssl", resume=True, progress=False, log=lambda _: None)

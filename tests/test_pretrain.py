@@ -105,6 +105,23 @@ def test_same_request_reuses_the_checkpoint(unlabeled, tmp_path):
     assert other != first
 
 
+def test_bf16_mixed_precision_on_cpu_trains_spark_and_is_part_of_the_name(unlabeled, tmp_path):
+    request = dict(dataset=str(unlabeled), method="spark", epochs=1, small_stem=True, hparams={"batch_size": 32})
+    auto = PretrainRequest(**request)
+    bf16 = PretrainRequest(**request, precision="bf16-mixed")
+    # "auto" is the machine's default and stays out of the name; an explicit choice is part of it.
+    assert "precision" not in auto.identity("k") and bf16.identity("k")["precision"] == "bf16-mixed"
+    assert auto.name("d", "k") != bf16.name("d", "k")
+    path = pretrain(bf16, tmp_path, progress=False, log=lambda _: None)
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    assert np.isfinite(payload["history"][0]["loss"])
+    assert payload["config"]["precision"] == "bf16-mixed"
+    # The weights are stored in float32 whatever the training precision, and load as an init.
+    backbone, report = build_model("resnet18", str(path), small_stem=True)
+    assert not report.missing
+    assert all(p.dtype == torch.float32 for p in backbone.parameters())
+
+
 def test_cli_prints_checkpoint_path_last_and_rejects_bad_input(unlabeled, tmp_path):
     args = ["pretrain", "--dataset", "pneumoniamnist", "--unlabeled-from", str(unlabeled), "--method", "byol",
             "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
@@ -118,6 +135,8 @@ def test_cli_prints_checkpoint_path_last_and_rejects_bad_input(unlabeled, tmp_pa
         (["--method", "simclr", "--hp", "temperature=-"], "temperature"),
         (["--method", "simclr", "--hp", "no_such_key=1"], "no_such_key"),
         (["--method", "mae", "--backbone", "resnet18"], "vit"),
+        (["--method", "simclr", "--precision", "fp8"], "bf16-mixed"),
+        *([] if torch.cuda.is_available() else [(["--method", "simclr", "--precision", "16-mixed"], "CUDA")]),
     ):
         result = runner.invoke(app, [*args[:3], "--epochs", "1", "--out", str(tmp_path), *bad])
         assert result.exit_code == 2, result.output

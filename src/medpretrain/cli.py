@@ -222,6 +222,12 @@ def pretrain(
     lr: Annotated[float | None, typer.Option(help="Base learning rate per 256 images (default: the method's).")] = None,
     hp: Annotated[list[str], typer.Option(help="Any method hyper-parameter as key=value. Repeatable.")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and views.")] = 0,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (mixed on GPU, fp32 on CPU), 32-true, bf16-mixed (also on CPUs with bf16 units) or 16-mixed."
+        ),
+    ] = "auto",
     out: Annotated[Path, typer.Option(help="Folder for checkpoints and logs.")] = Path("runs/ssl"),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same request.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run of the same request.")] = False,
@@ -249,6 +255,7 @@ def pretrain(
         small_stem=small_stem,
         seed=seed,
         hparams=hparams,
+        precision=precision,
     )
     path = run_pretraining(
         request, out, resume=resume, restart=restart, progress=progress, log=lambda m: err_console.print(m)

@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medpretrain.budgets import Budget, select
-from medpretrain.data import load_dataset
+from medpretrain.data import Dataset, load_dataset
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
 from medpretrain.inits import InitSpec, checkpoint_meta, parse_init
 from medpretrain.metrics import score
@@ -81,6 +81,17 @@ class Cell:
         return f"{self.dataset} · {self.init_name} · {self.protocol} · {self.budget.label} · seed {self.seed}"
 
 
+def cell_dataset(cell: Cell, out_dir: Path) -> Dataset:
+    return load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
+
+
+def cell_features(cell: Cell, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """The frozen features of the cell's init on its dataset, from (or into) the run's feature cache."""
+    return FeatureCache(cache_root(out_dir)).get(
+        cell.init_spec, cell.backbone, cell.small_stem, cell_dataset(cell, out_dir), progress=progress
+    )
+
+
 def run_cell(
     cell: Cell, out_dir: Path, *, progress: bool = True, keep_model: Path | None = None
 ) -> tuple[dict[str, Any], Any]:
@@ -88,9 +99,8 @@ def run_cell(
     that train a network, the network itself at `keep_model` when given."""
     started = time.perf_counter()
     protocol = get_protocol(cell.protocol)
-    dataset = load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
+    dataset = cell_dataset(cell, out_dir)
     train_idx = select(dataset.labels["train"], dataset.task, cell.budget, cell.seed, dataset.classes)
-    cache = FeatureCache(cache_root(out_dir))
     ctx = EvalContext(
         dataset=dataset,
         train_idx=train_idx,
@@ -99,7 +109,7 @@ def run_cell(
         small_stem=cell.small_stem,
         seed=cell.seed,
         params=cell.params,
-        features=lambda: cache.get(cell.init_spec, cell.backbone, cell.small_stem, dataset, progress=progress),
+        features=lambda: cell_features(cell, out_dir, progress=progress),
         progress=progress,
         keep_model=keep_model,
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell, run_cell
+from medpretrain.evaluate import Cell, cell_features, run_cell
 from medpretrain.protocols import get_protocol
 
 if TYPE_CHECKING:
@@ -130,13 +130,8 @@ def _ray_pretrain(job: PretrainJob, folder: str) -> tuple[str, float]:
 
 
 def _ray_features(cell: Cell, out_dir: str) -> None:
-    from medpretrain.data import load_dataset
-    from medpretrain.features import FeatureCache
-    from medpretrain.runtime import cache_root
-
     _ray_threads()
-    dataset = load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=Path(out_dir) / "splits")
-    FeatureCache(cache_root(Path(out_dir))).get(cell.init_spec, cell.backbone, cell.small_stem, dataset, progress=False)
+    cell_features(cell, Path(out_dir), progress=False)
 
 
 def _ray_cell(cell: Cell, out_dir: str, keep_model: str | None, *_after: Any) -> tuple[dict[str, Any], Any]:

@@ -32,7 +32,7 @@ from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
 from medpretrain.runtime import stable_hash
 from medpretrain.ssl import Method, get_method, method_config
-from medpretrain.train import make_trainer, quiet_lightning
+from medpretrain.train import make_trainer, quiet_lightning, resolve_precision
 
 
 @dataclass
@@ -49,10 +49,12 @@ class PretrainRequest:
     small_stem: bool = False
     seed: int = 0
     hparams: dict[str, Any] = field(default_factory=dict)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise MedpretrainError(f"epochs must be at least 1, got {self.epochs}", "use e.g. --epochs 50")
+        resolve_precision(self.precision)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -62,6 +64,10 @@ class PretrainRequest:
     def identity(self, dataset_key: str) -> dict[str, Any]:
         ident = asdict(self)
         ident.pop("hparams")
+        if self.precision == "auto":
+            # The machine's default (fp32 on CPU, mixed on GPU) is not a choice of the user's, and leaving it
+            # out keeps the names of checkpoints made before precision could be chosen.
+            ident.pop("precision")
         ident.update(dataset=dataset_key, config=self.config, init=parse_init(self.init).key)
         return ident
 
@@ -231,7 +237,7 @@ def pretrain(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(request.seed),
     )
-    trainer = make_trainer(max_epochs=request.epochs, progress=progress)
+    trainer = make_trainer(max_epochs=request.epochs, progress=progress, precision=request.precision)
     try:
         with quiet_lightning():
             trainer.fit(module, loader, ckpt_path=ckpt_path)

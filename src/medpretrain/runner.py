@@ -158,8 +158,7 @@ def run_study(
     engine = get_executor(executor)(address=address, log=log)
     started, wall = datetime.now(timezone.utc), time.perf_counter()
     jobs = pretrain_jobs(study)
-    n_cells = len(study.dataset_specs) * len(study.inits) * len(study.protocols) * len(budgets_of(study)) * study.seeds
-    bar = tqdm(total=len(jobs) + n_cells, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(jobs) + study.n_cells, desc="study", unit="step", disable=not progress, dynamic_ncols=True)
     result = RunResult(rows=[], cells_run=0, cells_reused=0)
     completed = False
     try:

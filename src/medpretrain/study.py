@@ -214,6 +214,12 @@ class Study(BaseModel):
         starts = [i if isinstance(i, str) else i.init for i in self.inits]
         return max(self.size, IMAGENET_IMAGE_SIZE) if any(s.lower() == "imagenet" for s in starts) else self.size
 
+    @property
+    def n_cells(self) -> int:
+        """The size of the grid: datasets × inits × protocols × budgets × seeds."""
+        n_budgets = len(self.budgets.fractions) + len(self.budgets.shots)
+        return len(self.dataset_specs) * len(self.inits) * len(self.protocols) * n_budgets * self.seeds
+
     def params_for(self, protocol: str) -> dict[str, Any]:
         return dict(getattr(self, protocol, {}) or {})
 

@@ -63,11 +63,30 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+
+
 def default_precision() -> str:
     """Mixed precision on CUDA (bf16 where the GPU supports it), full fp32 elsewhere."""
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def resolve_precision(precision: str = "auto") -> str:
+    """The Lightning precision for a user's choice; "auto" is `default_precision()`.
+
+    fp32 stays the CPU default because bf16 pays only where convolutions dominate: on CPUs with bf16
+    matrix units (AMX), a SparK step on the small-stem ResNet-18 at 28 px ran 2.8× faster in bf16-mixed,
+    but a SimCLR step on the standard stem at 28 px (tiny maps, casts dominate) ran 7% slower (BENCHMARKS.md).
+    """
+    if precision not in PRECISIONS:
+        raise MedpretrainError(f"unknown precision '{precision}'", f"choose one of: {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return default_precision()
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        raise MedpretrainError("16-mixed (float16) precision needs a CUDA GPU", "use bf16-mixed or 32-true on CPU")
+    return precision
 
 
 def make_trainer(
@@ -102,7 +121,7 @@ def make_trainer(
             accelerator="gpu" if cuda else "cpu",
             devices=devices,
             strategy="ddp" if multi else "auto",
-            precision=precision or default_precision(),  # type: ignore[arg-type]
+            precision=resolve_precision(precision or "auto"),  # type: ignore[arg-type]
             max_epochs=max_epochs,
             max_time=timedelta(seconds=max_time) if max_time else None,
             logger=False,
@@ -553,6 +572,7 @@ __all__ = [
     "param_groups",
     "predict_logits",
     "quiet_lightning",
+    "resolve_precision",
     "save_classifier",
     "warmup_cosine",
 ]

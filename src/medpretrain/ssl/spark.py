@@ -3,11 +3,13 @@
 The image is cut into patches on the grid of the backbone's *final* feature map (one patch per output
 position); 60 % of them are dropped. The encoder must see only the visible patches, as if it were a sparse
 network: SparK replaces every convolution, pooling and BatchNorm with a sparse version. Here the timm
-model stays dense and untouched and `sparse_encoding` emulates sparsity while it is active: the output of
-every convolution and pooling layer is multiplied by the mask upsampled to its resolution, so masked
-positions stay exactly zero at every depth and a visible position never reads anything but zeros from a
-masked one; every BatchNorm normalises with statistics of visible positions only (and updates its running
-statistics from them). Nothing is re-registered, so `backbone.model.state_dict()` keeps timm's keys.
+model stays dense and untouched and `sparse_encoding` emulates sparsity while it is active: every BatchNorm
+normalises with statistics of visible positions only (and updates its running statistics from them) and
+writes zeros at masked positions, and the output of every pooling layer is multiplied by the mask upsampled
+to its resolution. In the registered CNNs every convolution feeds a BatchNorm, so masked positions are
+exactly zero at every depth where a convolution reads them, and a visible position never reads anything
+but zeros from a masked one (`test_spark_encoder_sees_only_visible_patches` checks this for each family).
+Nothing is re-registered, so `backbone.model.state_dict()` keeps timm's keys.
 
 A light UNet-style decoder fills the masked positions of each encoder scale with a learned mask token
 ("densify"), and upsamples from the deepest scale, adding the shallower ones, back to pixels. The target
@@ -117,9 +119,12 @@ def sparse_batch_norm(bn: _BatchNorm, x: Tensor, active: Tensor) -> Tensor:
 def sparse_encoding(model: nn.Module, active: Tensor) -> Iterator[Callable[[tuple[int, int] | torch.Size], Tensor]]:
     """While inside, `model` behaves as a sparse network that sees only the visible patches of `active`.
 
-    Conv and pooling outputs are re-masked by forward hooks; BatchNorm forwards are swapped, per instance,
-    for `sparse_batch_norm`. Both are undone on exit, so the module tree, its state_dict keys and its
-    behaviour outside the block are unchanged. Yields the mask-at-size function (cached per size).
+    Pooling outputs are re-masked by forward hooks; BatchNorm forwards are swapped, per instance, for
+    `sparse_batch_norm`, which reads only visible positions and zeroes the others. Convolution outputs need
+    no mask of their own because each feeds a BatchNorm (masking them as well cost a multiplication per
+    convolution and its backward, about 5 % of a bf16 SparK step on CPU). Hooks and swaps are undone on
+    exit, so the module tree, its state_dict keys and its behaviour outside the block are unchanged.
+    Yields the mask-at-size function (cached per size).
     Maps smaller than the mask grid (none in the registered backbones) are left dense.
     """
     cache: dict[tuple[int, int], Tensor] = {}
@@ -152,7 +157,7 @@ def sparse_encoding(model: nn.Module, active: Tensor) -> Iterator[Callable[[tupl
                 # An instance attribute shadows the class's forward; deleting it restores the original.
                 module.forward = partial(sparse_bn_forward, module)
                 patched.append(module)
-            elif isinstance(module, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d):
+            elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
                 handles.append(module.register_forward_hook(mask_output))
         yield at
     finally:
