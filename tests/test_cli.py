@@ -194,5 +194,15 @@ def test_error_checkpoint_matching_no_backbone(tmp_path):
     _expect_error([*BASE, "--dataset", "pneumoniamnist", "--init", bogus, "--out", tmp_path], "bogus.pt")
 
 
+def test_error_same_init_twice(tmp_path):
+    weights = tmp_path / "a.pt"
+    torch.save(create_backbone("resnet18").model.state_dict(), weights)
+    (tmp_path / "copy.pt").write_bytes(weights.read_bytes())
+    args = [*BASE, "--dataset", "pneumoniamnist", "--init", weights, "--init", tmp_path / "copy.pt", "--out", tmp_path]
+    _expect_error(args, "copy.pt", "same initialization")
+    twice = ["--init", "scratch", "--init", "scratch"]
+    _expect_error([*BASE, "--dataset", "pneumoniamnist", *twice, "--out", tmp_path], "scratch")
+
+
 def test_error_no_budget(tmp_path):
     _expect_error(["evaluate", "--dataset", "pneumoniamnist", "--out", tmp_path], "--fraction")

@@ -93,6 +93,28 @@ def test_spark_resnet18_small_stem_28px(blood: torch.Tensor) -> None:
     _train_two_steps(method, blood, "resnet18", small_stem=True)
 
 
+def test_spark_finalize_re_estimates_batch_norm_on_whole_images(blood: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    method = _spark("resnet18", 28, small_stem=True, decoder_width=32)
+    out = method.step(method.views(blood))  # running statistics from visible positions of masked views
+    out.loss.backward()
+    bn1 = method.backbone.model.bn1
+    sparse_mean = bn1.running_mean.clone()
+    method.finalize(blood, torch.device("cpu"))
+    with torch.no_grad():
+        dense = method.backbone.model.conv1(method.backbone.prepare(blood)).float()
+    torch.testing.assert_close(bn1.running_mean, dense.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn1.running_var, dense.var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(sparse_mean, bn1.running_mean)
+    assert method.backbone.training and bn1.momentum == 0.1  # modes and momenta restored
+
+    kept = _spark("resnet18", 28, small_stem=True, decoder_width=32, dense_bn_stats=False)
+    kept.step(kept.views(blood))
+    before = kept.backbone.model.bn1.running_mean.clone()
+    kept.finalize(blood, torch.device("cpu"))
+    assert torch.equal(kept.backbone.model.bn1.running_mean, before)
+
+
 def test_spark_efficientnet_needs_128px(blood: torch.Tensor) -> None:
     torch.manual_seed(0)
     with pytest.raises(MedpretrainError, match=r"2×2.*image-size"):

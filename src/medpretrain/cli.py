@@ -141,6 +141,17 @@ def evaluate(
         }.items()
         if v is not None
     }
+    # Results and feature caches are keyed by the init's key, so two inits with one key would silently share
+    # (and double) rows: a copy of a checkpoint, or a file edited after pre-training that kept its request.
+    seen: dict[str, str] = {}
+    for init_text in init:
+        key = parse_init(init_text).key
+        if key in seen:
+            raise MedpretrainError(
+                f"--init {init_text} and --init {seen[key]} are the same initialization (key {key})",
+                "give each init once; a pre-training checkpoint is keyed by its request, not its bytes",
+            )
+        seen[key] = init_text
     dataset_spec = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
     cells = []
     for init_text, proto, budget, seed in product(init, protocol, budgets, range(seeds)):

@@ -248,6 +248,9 @@ def pretrain(
             "lower the learning rate (--lr) or the batch size, then re-run with --resume",
         ) from None
     if trainer.is_global_zero:
+        # Outside Lightning: its hooks do not run when a resumed run had already finished its last epoch.
+        method.finalize(images, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        backbone.cpu()
         identity = request.identity(data_key)
         tmp = final.with_suffix(".tmp")
         save_checkpoint(

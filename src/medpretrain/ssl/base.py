@@ -85,6 +85,10 @@ class Method(nn.Module, ABC):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimiser step: momentum-encoder updates, schedules. Default: nothing."""
 
+    def finalize(self, images: torch.Tensor, device: torch.device) -> None:
+        """Called once after the last epoch, before the checkpoint is written, with the (uint8) pre-training
+        images and the device to use. Default: nothing."""
+
     def optimized_parameters(self) -> Iterable[nn.Parameter]:
         """Everything trainable except momentum (teacher) copies, which are updated by EMA."""
         return (p for p in self.parameters() if p.requires_grad)
