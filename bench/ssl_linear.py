@@ -1,7 +1,9 @@
 """Pre-train each method, then linear-probe it beside the random-weight (scratch) baseline.
 
 Prints one JSON line per init with the test accuracy/AUC (mean over seeds) at each label fraction, the
-pre-training time and images/s. Usage (issue acceptance: 1 epoch for every method; 30 epochs for quality):
+pre-training time and images/s, and for each method its accuracy gain over scratch at each fraction with the
+report's paired bootstrap (95% interval and p over shared test resamples, seed-averaged).
+Usage (issue acceptance: 1 epoch for every method; 30 epochs for quality):
     python bench/ssl_linear.py --dataset bloodmnist --epochs 1 --methods simclr moco byol simsiam swav dino \
         barlow_twins vicreg spark vae mae --fractions 0.01 --seeds 3 --out runs/bench-ssl
 """
@@ -19,26 +21,53 @@ import torch
 import medpretrain.ssl  # noqa: F401  (registers the methods)
 from medpretrain.budgets import Budget
 from medpretrain.cli import parse_hparams
+from medpretrain.data import load_dataset
 from medpretrain.evaluate import Cell, run_cells
+from medpretrain.metrics import accuracy, bootstrap
 from medpretrain.pretrain import PretrainRequest, pretrain
+from medpretrain.report import PAIRED_RESAMPLE_SEED, paired_test
 from medpretrain.store import Store
 
 # Settings a method needs at 28 px: SparK a feature grid larger than 1×1, MAE a ViT with 4-px patches.
 SETTINGS = {"spark": ("resnet18", True), "mae": ("vit_tiny", True)}
 
 
-def probe(init: str, backbone: str, small_stem: bool, args: argparse.Namespace, store: Store) -> dict:
+def probe(init: str, backbone: str, small_stem: bool, args: argparse.Namespace, store: Store) -> list[dict]:
     cells = [
         Cell(args.dataset, 28, args.image_size, backbone, small_stem, init, "linear", Budget(fraction=f), seed)
         for f in args.fractions
         for seed in range(args.seeds)
     ]
-    rows = run_cells(cells, store, progress=False, log=lambda _: None)
+    return run_cells(cells, store, progress=False, log=lambda _: None)
+
+
+def mean_metrics(rows: list[dict], args: argparse.Namespace) -> dict:
     out = {}
     for f in args.fractions:
         chosen = [r for r in rows if r["fraction"] == f]
         out[f"acc@{f:g}"] = round(float(np.mean([r["acc"] for r in chosen])), 4)
         out[f"auc@{f:g}"] = round(float(np.mean([r["auc"] for r in chosen])), 4)
+    return out
+
+
+def accuracy_gain(rows: list[dict], baseline: list[dict], args: argparse.Namespace, store: Store) -> dict:
+    """Test-accuracy gain over the baseline per fraction, in points, with the paired bootstrap interval."""
+    dataset = load_dataset(args.dataset)
+    y, task = dataset.labels["test"], dataset.task
+    out = {}
+    for f in args.fractions:
+        draws = []
+        for seed in range(args.seeds):
+            (a,) = [r for r in rows if r["fraction"] == f and r["seed"] == seed]
+            (b,) = [r for r in baseline if r["fraction"] == f and r["seed"] == seed]
+            proba_a, proba_b = store.predictions(a["cell_key"]), store.predictions(b["cell_key"])
+            boot_a = bootstrap(y, proba_a, task, seed=PAIRED_RESAMPLE_SEED)["acc"]
+            boot_b = bootstrap(y, proba_b, task, seed=PAIRED_RESAMPLE_SEED)["acc"]
+            draws.append((boot_a - boot_b, accuracy(y, proba_a, task) - accuracy(y, proba_b, task)))
+        test = paired_test(draws)
+        assert test is not None
+        out[f"acc_gain@{f:g}"] = [round(100 * test.delta, 2), round(100 * test.low, 2), round(100 * test.high, 2)]
+        out[f"acc_gain_p@{f:g}"] = round(test.p, 4)
     return out
 
 
@@ -63,7 +92,7 @@ def main() -> None:
         if (backbone, small_stem) not in baselines:
             baselines[backbone, small_stem] = probe("scratch", backbone, small_stem, args, store)
             print(json.dumps({"init": "scratch", "backbone": backbone, "small_stem": small_stem,
-                              **baselines[backbone, small_stem]}), flush=True)  # fmt: skip
+                              **mean_metrics(baselines[backbone, small_stem], args)}), flush=True)  # fmt: skip
         hparams = parse_hparams(args.hp)
         if args.batch_size:
             hparams["batch_size"] = args.batch_size
@@ -74,6 +103,7 @@ def main() -> None:
         started = time.perf_counter()
         checkpoint = pretrain(request, args.out / "ssl", resume=True, progress=False, log=lambda _: None)
         history = torch.load(checkpoint, map_location="cpu", weights_only=False)["history"]
+        rows = probe(str(checkpoint), backbone, small_stem, args, store)
         record = {
             "init": method,
             "backbone": backbone,
@@ -83,7 +113,8 @@ def main() -> None:
             "images_per_s": round(float(np.mean([h["images_per_s"] for h in history])), 1),
             "final_loss": round(history[-1]["loss"], 4),
             "embedding_std": round(history[-1]["embedding_std"], 4),
-            **probe(str(checkpoint), backbone, small_stem, args, store),
+            **mean_metrics(rows, args),
+            **accuracy_gain(rows, baselines[backbone, small_stem], args, store),
         }
         print(json.dumps(record), flush=True)
 

@@ -114,7 +114,8 @@ def run_cell(
         keep_model=keep_model,
     )
     prediction = protocol.run(ctx)
-    # The bootstrap seed is the cell's seed, so all inits of one seed share resamples (paired comparisons).
+    # The bootstrap seed is the cell's seed, so a cell's interval is reproducible (the report's paired tests
+    # resample every cell alike instead: report.PAIRED_RESAMPLE_SEED).
     metrics = score(dataset.labels["test"], prediction.test_proba, dataset.task, seed=cell.seed)
     config = cell.config()
     row = {

@@ -56,6 +56,10 @@ GRADCAM_CORRECT = 4
 GRADCAM_WRONG = 4
 UMAP_MAX_POINTS = 2000
 UMAP_MIN_POINTS = 10
+# Every seed's difference is taken on the same test resamples. All seeds share one test set, so resampling it
+# independently per seed and averaging the differences would shrink the test-set noise by √seeds and make
+# small differences look significant.
+PAIRED_RESAMPLE_SEED = 0
 DPI = 96
 # Protocol cost, cheapest first: a tie in accuracy is broken towards the cheaper way to get there.
 PROTOCOL_COST = {"knn": 0, "linear": 1, "finetune": 2}
@@ -67,9 +71,10 @@ INIT_PHRASES = {"ImageNet": "ImageNet transfer", "scratch": "training from scrat
 
 @dataclass(frozen=True)
 class PairedTest:
-    """AUC of `a` minus AUC of `b` on the same test images, paired over seeds and bootstrap resamples."""
+    """A metric of `a` minus the same metric of `b` on the same test images (the report compares AUC), paired over
+    seeds and bootstrap resamples."""
 
-    delta: float  # mean over seeds of the point AUC difference
+    delta: float  # mean over seeds of the point difference
     low: float  # 2.5 and 97.5 percentiles of the seed-averaged bootstrap difference
     high: float
     p: float  # two-sided: 2·min(P(diff ≤ 0), P(diff ≥ 0)), floored at 1/n_boot
@@ -82,12 +87,12 @@ class PairedTest:
 
 
 def paired_test(draws: Sequence[tuple[np.ndarray, float]]) -> PairedTest | None:
-    """Paired bootstrap test of an AUC difference a − b from, per seed both arms have: (AUC_a − AUC_b on each
-    of that seed's bootstrap resamples, the observed AUC_a − AUC_b).
+    """Paired bootstrap test of a metric difference a − b (AUC in the report) from, per seed both arms have:
+    (metric_a − metric_b on each bootstrap resample, the observed metric_a − metric_b).
 
-    Each seed's resamples are drawn with that seed for both arms (`metrics.bootstrap(..., seed=seed)`, as when
-    the row's CI was computed), so the differences are paired; they are averaged over seeds. Resamples whose
-    AUC is undefined (a single class drawn) are dropped. None when no resample is usable.
+    Every arm and seed is resampled with the same test-set resamples (`PAIRED_RESAMPLE_SEED`), so the
+    differences are paired across arms and the seed average keeps the full test-set noise. Resamples whose
+    metric is undefined (AUC with a single class drawn) are dropped. None when no resample is usable.
     """
     if not draws:
         return None
@@ -302,15 +307,16 @@ class _Run:
         return self._proba[key]
 
     def _bootstrap(self, row: dict[str, Any]) -> tuple[np.ndarray, float] | None:
-        """(bootstrap AUCs drawn with the row's seed, point AUC) of one cell; the significance table and the
+        """(bootstrap AUCs on the shared test resamples, point AUC) of one cell; the significance table and the
         recommendation compare the same cells, so each is resampled once."""
         key = row["cell_key"]
         if key not in self._boot:
             proba = self.proba(row)
             y, task, _ = self.labels(row)
-            self._boot[key] = (
-                None if proba is None else (bootstrap(y, proba, task, seed=row["seed"])["auc"], auc(y, proba, task))
-            )
+            if proba is None:
+                self._boot[key] = None
+            else:
+                self._boot[key] = (bootstrap(y, proba, task, seed=PAIRED_RESAMPLE_SEED)["auc"], auc(y, proba, task))
         return self._boot[key]
 
     def compare(self, a: dict[str, Any], b: dict[str, Any]) -> PairedTest | None:
