@@ -76,7 +76,7 @@ def _spark(name: str, size: int, *, small_stem: bool, channels: int = 3, **cfg: 
 def test_registry_and_paper_defaults() -> None:
     assert get_method("spark") is SparK and get_method("mae") is MAE and get_method("vae") is VAE
     spark, mae, vae = method_config("spark"), method_config("mae"), method_config("vae")
-    assert isinstance(spark, SparKConfig) and (spark.mask_ratio, spark.lr, spark.weight_decay) == (0.6, 2e-4, 0.04)
+    assert isinstance(spark, SparKConfig) and (spark.mask_ratio, spark.lr, spark.weight_decay) == (0.6, 8e-4, 0.04)
     assert isinstance(mae, MAEConfig) and (mae.mask_ratio, mae.lr, mae.weight_decay) == (0.75, 1.5e-4, 0.05)
     assert isinstance(vae, VAEConfig) and (vae.optimizer, vae.lr, vae.beta) == ("adam", 1e-3, 1.0)
     with pytest.raises(MedpretrainError, match="allowed keys"):
