@@ -1,8 +1,8 @@
 """Pre-train each method, then linear-probe it beside the random-weight (scratch) baseline.
 
 Prints one JSON line per init with the test accuracy/AUC (mean over seeds) at each label fraction, the
-pre-training time and images/s, and for each method its accuracy gain over scratch at each fraction with the
-report's paired bootstrap (95% interval and p over shared test resamples, seed-averaged).
+pre-training time and images/s, and for each method its accuracy (points) and AUC gains over scratch at each
+fraction with the report's paired bootstrap (95% interval and p over shared test resamples, seed-averaged).
 Usage (issue acceptance: 1 epoch for every method; 30 epochs for quality):
     python bench/ssl_linear.py --dataset bloodmnist --epochs 1 --methods simclr moco byol simsiam swav dino \
         barlow_twins vicreg spark vae mae --fractions 0.01 --seeds 3 --out runs/bench-ssl
@@ -23,7 +23,7 @@ from medpretrain.budgets import Budget
 from medpretrain.cli import parse_hparams
 from medpretrain.data import load_dataset
 from medpretrain.evaluate import Cell, run_cells
-from medpretrain.metrics import accuracy, bootstrap
+from medpretrain.metrics import bootstrap
 from medpretrain.pretrain import PretrainRequest, pretrain
 from medpretrain.report import PAIRED_RESAMPLE_SEED, paired_test
 from medpretrain.store import Store
@@ -50,24 +50,26 @@ def mean_metrics(rows: list[dict], args: argparse.Namespace) -> dict:
     return out
 
 
-def accuracy_gain(rows: list[dict], baseline: list[dict], args: argparse.Namespace, store: Store) -> dict:
-    """Test-accuracy gain over the baseline per fraction, in points, with the paired bootstrap interval."""
-    dataset = load_dataset(args.dataset)
-    y, task = dataset.labels["test"], dataset.task
+def paired_gains(
+    rows: list[dict], baseline: list[dict], y: np.ndarray, task: str, args: argparse.Namespace, store: Store
+) -> dict:
+    """Gain over the baseline per fraction in test accuracy (points) and AUC: [mean, 95% low, high] and p from
+    the report's paired bootstrap (every cell on the same test resamples, differences averaged over seeds)."""
     out = {}
     for f in args.fractions:
-        draws = []
+        draws: dict[str, list] = {"acc": [], "auc": []}
         for seed in range(args.seeds):
             (a,) = [r for r in rows if r["fraction"] == f and r["seed"] == seed]
             (b,) = [r for r in baseline if r["fraction"] == f and r["seed"] == seed]
-            proba_a, proba_b = store.predictions(a["cell_key"]), store.predictions(b["cell_key"])
-            boot_a = bootstrap(y, proba_a, task, seed=PAIRED_RESAMPLE_SEED)["acc"]
-            boot_b = bootstrap(y, proba_b, task, seed=PAIRED_RESAMPLE_SEED)["acc"]
-            draws.append((boot_a - boot_b, accuracy(y, proba_a, task) - accuracy(y, proba_b, task)))
-        test = paired_test(draws)
-        assert test is not None
-        out[f"acc_gain@{f:g}"] = [round(100 * test.delta, 2), round(100 * test.low, 2), round(100 * test.high, 2)]
-        out[f"acc_gain_p@{f:g}"] = round(test.p, 4)
+            boot_a = bootstrap(y, store.predictions(a["cell_key"]), task, seed=PAIRED_RESAMPLE_SEED)
+            boot_b = bootstrap(y, store.predictions(b["cell_key"]), task, seed=PAIRED_RESAMPLE_SEED)
+            for metric, metric_draws in draws.items():
+                metric_draws.append((boot_a[metric] - boot_b[metric], a[metric] - b[metric]))
+        for metric, scale in (("acc", 100), ("auc", 1)):
+            test = paired_test(draws[metric])
+            assert test is not None
+            out[f"{metric}_gain@{f:g}"] = [round(scale * v, 4) for v in (test.delta, test.low, test.high)]
+            out[f"{metric}_gain_p@{f:g}"] = round(test.p, 4)
     return out
 
 
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-ssl"))
     args = parser.parse_args()
     store = Store(args.out / "eval")
+    test_split = load_dataset(args.dataset)
     baselines = {}
     for method in args.methods:
         backbone, small_stem = SETTINGS.get(method, ("resnet18", args.small_stem))
@@ -114,7 +117,9 @@ def main() -> None:
             "final_loss": round(history[-1]["loss"], 4),
             "embedding_std": round(history[-1]["embedding_std"], 4),
             **mean_metrics(rows, args),
-            **accuracy_gain(rows, baselines[backbone, small_stem], args, store),
+            **paired_gains(
+                rows, baselines[backbone, small_stem], test_split.labels["test"], test_split.task, args, store
+            ),
         }
         print(json.dumps(record), flush=True)
 
