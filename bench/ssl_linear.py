@@ -2,7 +2,8 @@
 
 Prints one JSON line per init with the test accuracy/AUC (mean over seeds) at each label fraction, the
 pre-training time and images/s, and for each method its accuracy (points) and AUC gains over scratch at each
-fraction with the report's paired bootstrap (95% interval and p over shared test resamples, seed-averaged).
+fraction with the report's test, `stats.paired_comparison` (95% interval and p from the seed-to-seed variation and
+the shared test-set bootstrap).
 Usage (issue acceptance: 1 epoch for every method; 30 epochs for quality):
     python bench/ssl_linear.py --dataset bloodmnist --epochs 1 --methods simclr moco byol simsiam swav dino \
         barlow_twins vicreg spark vae mae --fractions 0.01 --seeds 3 --out runs/bench-ssl
@@ -23,9 +24,8 @@ from medpretrain.budgets import Budget
 from medpretrain.cli import parse_hparams
 from medpretrain.data import load_dataset
 from medpretrain.evaluate import Cell, run_cells
-from medpretrain.metrics import bootstrap
 from medpretrain.pretrain import PretrainRequest, pretrain
-from medpretrain.report import PAIRED_RESAMPLE_SEED, paired_test
+from medpretrain.stats import paired_comparison
 from medpretrain.store import Store
 
 # Settings a method needs at 28 px: SparK a feature grid larger than 1×1, MAE a ViT with 4-px patches.
@@ -54,20 +54,17 @@ def paired_gains(
     rows: list[dict], baseline: list[dict], y: np.ndarray, task: str, args: argparse.Namespace, store: Store
 ) -> dict:
     """Gain over the baseline per fraction in test accuracy (points) and AUC: [mean, 95% low, high] and p from
-    the report's paired bootstrap (every cell on the same test resamples, differences averaged over seeds)."""
+    the report's test (`stats.paired_comparison`: seed s of the method paired with seed s of the baseline)."""
     out = {}
     for f in args.fractions:
-        draws: dict[str, list] = {"acc": [], "auc": []}
-        for seed in range(args.seeds):
-            (a,) = [r for r in rows if r["fraction"] == f and r["seed"] == seed]
-            (b,) = [r for r in baseline if r["fraction"] == f and r["seed"] == seed]
-            boot_a = bootstrap(y, store.predictions(a["cell_key"]), task, seed=PAIRED_RESAMPLE_SEED)
-            boot_b = bootstrap(y, store.predictions(b["cell_key"]), task, seed=PAIRED_RESAMPLE_SEED)
-            for metric, metric_draws in draws.items():
-                metric_draws.append((boot_a[metric] - boot_b[metric], a[metric] - b[metric]))
+        seeds = range(args.seeds)
+        (a, b) = (
+            np.stack([store.predictions(next(r for r in arm if r["fraction"] == f and r["seed"] == s)["cell_key"])
+                      for s in seeds])
+            for arm in (rows, baseline)
+        )  # fmt: skip
         for metric, scale in (("acc", 100), ("auc", 1)):
-            test = paired_test(draws[metric])
-            assert test is not None
+            test = paired_comparison(y, a, b, task=task, metric=metric)
             out[f"{metric}_gain@{f:g}"] = [round(scale * v, 4) for v in (test.delta, test.low, test.high)]
             out[f"{metric}_gain_p@{f:g}"] = round(test.p, 4)
     return out

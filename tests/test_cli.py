@@ -19,6 +19,7 @@ runner = CliRunner()
 REQUIRED_KEYS = {
     "dataset", "init", "backbone", "protocol", "fraction", "shots", "seed", "n_labeled", "auc", "auc_ci_low",
     "auc_ci_high", "acc", "acc_ci_low", "acc_ci_high", "balanced_acc", "f1_macro", "kappa", "ece", "seconds",
+    "val_auc", "val_acc", "init_kind",
 }  # fmt: skip
 
 

@@ -30,9 +30,9 @@ from medpretrain.budgets import Budget
 from medpretrain.data import load_dataset
 from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell, run_cell
-from medpretrain.metrics import bootstrap
 from medpretrain.report import SECTIONS, build_report
 from medpretrain.runtime import hardware, library_versions, torch_threads
+from medpretrain.stats import holm, paired_comparison
 from medpretrain.store import Store
 from medpretrain.study import Study
 from medpretrain.summary import SUMMARY_METRICS, budget_label
@@ -43,7 +43,8 @@ INITS = ("scratch", "imagenet")
 PROTOCOLS: dict[str, dict[str, Any]] = {"linear": {}, "finetune": {"epochs": 1}}
 FRACTIONS = (0.25, 1.0)
 SEEDS = (0, 1)  # the runner's seeds: range(study.seeds)
-P_VALUE = re.compile(r"p [=≤] \d")
+INIT_LABELS = ("scratch", "ImageNet")
+P_VALUE = re.compile(r"p [=≤<] \d")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -233,7 +234,7 @@ def test_table_numbers_are_the_stored_results(run_dir: Path, page: Node) -> None
     }
     groups = _groups(rows)
     assert set(table_rows) == set(groups)
-    best_auc: dict[tuple[str, str], tuple[float, str]] = {}
+    best_val: dict[tuple[str, str], tuple[float, str]] = {}
     for key, members in groups.items():
         tr = table_rows[key]
         for metric in SUMMARY_METRICS:
@@ -243,59 +244,62 @@ def test_table_numbers_are_the_stored_results(run_dir: Path, page: Node) -> None
             assert mean == pytest.approx(values.mean(), abs=5e-4 + 1e-9), (key, metric)
             assert std == pytest.approx(values.std(ddof=1), abs=5e-4 + 1e-9), (key, metric)
         assert f"{np.mean([m['n_labeled'] for m in members]):.0f}" in [td.text() for td in tr.find_all("td")]
-        mean_auc = float(np.mean([m["auc"] for m in members]))
-        if mean_auc > best_auc.get(key[:2], (-1.0, ""))[0]:
-            best_auc[key[:2]] = (mean_auc, key[2])
+        (val_cell,) = tr.find_all("td", **{"class": "val_auc"})
+        assert float(val_cell.text()) == pytest.approx(np.mean([m["val_auc"] for m in members]), abs=5e-4 + 1e-9)
+        mean_val = float(np.mean([m["val_auc"] for m in members]))
+        if mean_val > best_val.get(key[:2], (-1.0, ""))[0]:
+            best_val[key[:2]] = (mean_val, key[2])
     for key, tr in table_rows.items():
-        is_best = best_auc[key[:2]][1] == key[2]
+        is_best = best_val[key[:2]][1] == key[2]  # chosen on validation, never on test
         assert ("★" in tr.text()) == is_best and ("best" in tr.attrs["class"]) == is_best
 
 
-def _independent_paired_test(run_dir: Path, best: str, runner: str, protocol: str, budget: str) -> tuple[float, ...]:
-    """The contract's recipe, written out again: AUCs on one shared set of test resamples, differences averaged
-    over seeds."""
+def test_rows_carry_validation_metrics_and_init_kind(run_dir: Path) -> None:
+    rows = Store(run_dir).rows()
+    assert {r["init_kind"] for r in rows} == {"scratch", "imagenet"}
+    assert all(0 <= r["val_auc"] <= 1 and 0 <= r["val_acc"] <= 1 for r in rows)
+    assert all(r["auc_ci_low"] <= r["auc"] <= r["auc_ci_high"] for r in rows)  # per-seed test-set intervals stay
+
+
+def _stacked(run_dir: Path, protocol: str, budget: str, init: str) -> np.ndarray:
     store = Store(run_dir)
-    y = load_dataset(SPEC, size=28, image_size=28, split_dir=run_dir / "splits").labels["test"]
     by = {(r["init"], r["seed"]): r for r in store.rows(protocol=protocol) if budget_label(r) == budget}
-    diffs, deltas = [], []
-    for seed in SEEDS:
-        a, b = by[(best, seed)], by[(runner, seed)]
-        auc_a = bootstrap(y, store.predictions(a["cell_key"]), "binary", seed=0)["auc"]
-        auc_b = bootstrap(y, store.predictions(b["cell_key"]), "binary", seed=0)["auc"]
-        diffs.append(auc_a - auc_b)
-        deltas.append(a["auc"] - b["auc"])
-    diff = np.mean(diffs, axis=0)
-    p = max(2 * min((diff <= 0).mean(), (diff >= 0).mean()), 1 / len(diff))
-    low, high = np.percentile(diff, [2.5, 97.5])
-    return float(np.mean(deltas)), float(low), float(high), float(p)
+    return np.stack([store.predictions(by[(init, seed)]["cell_key"]) for seed in SEEDS])
 
 
-def test_significance_is_the_paired_bootstrap(run_dir: Path, page: Node) -> None:
+def test_significance_is_the_seed_aware_paired_comparison(run_dir: Path, page: Node) -> None:
+    """Every shown test is `stats.paired_comparison` on the stored predictions, Holm-adjusted over the table."""
     rows = Store(run_dir).rows()
     groups = _groups(rows)
-    checked = 0
+    y = load_dataset(SPEC, size=28, image_size=28, split_dir=run_dir / "splits").labels["test"]
+    shown, raw = [], []
     for tr in section(page, "significance").find_all("tr"):
-        if "data-protocol" not in tr.attrs:
+        if "data-other" not in tr.attrs:
             continue
         protocol, budget = tr.attrs["data-protocol"], tr.attrs["data-budget"]
-        cells = [td.text() for td in tr.find_all("td")]
-        best, runner = cells[3], cells[4]
-        means = {
-            init: np.mean([r["auc"] for r in groups[(protocol, budget, init)]]) for init in ("scratch", "ImageNet")
-        }
-        assert best == max(means, key=means.get) and runner == min(means, key=means.get)
-        delta, low, high, p = _independent_paired_test(run_dir, best, runner, protocol, budget)
-        (shown_delta,) = tr.find_all("td", **{"class": "delta"})
-        (shown_interval,) = tr.find_all("td", **{"class": "interval"})
-        (shown_p,) = tr.find_all("td", **{"class": "p"})
-        assert shown_delta.text() == f"{delta:+.3f}"
-        assert shown_interval.text() == f"{low:+.3f} to {high:+.3f}"
-        number = float(re.sub(r"^p [=≤] ", "", shown_p.text()))
-        assert number == pytest.approx(p, rel=0.05, abs=0.006)  # shown to 2 digits
-        assert ("≤" in shown_p.text()) == (p <= 1 / 1000)  # the bootstrap floor is marked as a bound
-        assert ("not significant" not in tr.text()) == (p < 0.05)
-        checked += 1
-    assert checked == len(PROTOCOLS) * len(FRACTIONS)
+        best, other = tr.attrs["data-best"], tr.attrs["data-other"]
+        val = {init: np.mean([r["val_auc"] for r in groups[(protocol, budget, init)]]) for init in INIT_LABELS}
+        assert best == max(val, key=val.get) and other == min(val, key=val.get)  # best on validation
+        r = paired_comparison(
+            y, _stacked(run_dir, protocol, budget, best), _stacked(run_dir, protocol, budget, other), task="binary"
+        )
+        assert r.method.startswith("seed+test-set")  # two seeds: both variance sources count
+        (delta,) = tr.find_all("td", **{"class": "delta"})
+        (interval,) = tr.find_all("td", **{"class": "interval"})
+        assert delta.text() == f"{r.delta:+.3f}"
+        assert interval.text() == f"{r.low:+.3f} to {r.high:+.3f}"
+        shown.append(tr)
+        raw.append(r.p)
+    assert len(shown) == len(PROTOCOLS) * len(FRACTIONS)  # two inits: the runner-up is also the reference
+    for tr, p, p_adj in zip(shown, raw, holm(raw), strict=True):
+        for cls, value in (("p", p), ("p_adj", p_adj)):
+            (cell,) = tr.find_all("td", **{"class": cls})
+            text = cell.text()
+            if text == "p < 0.001":
+                assert value < 0.001
+            else:
+                assert float(re.sub(r"^p = ", "", text)) == pytest.approx(value, rel=0.05, abs=0.006)
+        assert ("no significant difference" not in tr.text()) == (p_adj < 0.05)
 
 
 def test_recommendation_names_an_init_and_a_p_value(run_dir: Path, page: Node) -> None:
@@ -304,27 +308,37 @@ def test_recommendation_names_an_init_and_a_p_value(run_dir: Path, page: Node) -
     assert len(items) == len(FRACTIONS)  # one sentence per budget, fewest labels first
     for li, fraction in zip(items, sorted(FRACTIONS), strict=True):
         text = squash(li.text())
-        # The best (init, protocol) at this budget by mean AUC over seeds, whatever the protocol.
+        # The best (init, protocol) at this budget by mean *validation* AUC over seeds, whatever the protocol.
         means = {
-            (init, protocol): np.mean([r["auc"] for r in members])
+            (init, protocol): np.mean([r["val_auc"] for r in members])
             for (protocol, _, init), members in _groups([r for r in rows if r["fraction"] == fraction]).items()
         }
         best_init, best_protocol = max(means, key=means.get)
-        assert li.attrs["data-best"] == best_init
-        assert {"scratch": "from scratch", "ImageNet": "ImageNet transfer"}[best_init] in text
-        assert f"({best_protocol}" in text
+        phrase = {"scratch": "from scratch", "ImageNet": "ImageNet transfer"}
+        assert phrase[best_init] in text and f"({best_protocol}, best on validation" in text
         assert f"{fraction * 100:g}% of the training labels" in text
-        match = P_VALUE.search(text)
-        assert match, text
-        p = float(re.search(r"p [=≤] ([0-9.]+)", text).group(1))  # type: ignore[union-attr]
-        if "indistinguishable" in text:
-            assert p >= 0.05
+        assert P_VALUE.search(text) and "Holm-adjusted" in text, text
+        assert "indistinguishable" not in text
+        if "no significant difference" in text:
+            assert "not evidence that they are equivalent" in text
+            # scratch and ImageNet need no pre-training; here both run at 28 px with one protocol: same cost
+            assert "Both cost about the same" in text
         else:
-            assert p < 0.05 and f"use {text.split('use ')[1].split(' (')[0]}" in text
+            assert text.count("use ") >= 1
+        verdicts = [
+            tr.text()
+            for tr in section(page, "significance").find_all("tr")
+            if tr.attrs.get("data-budget") == f"{fraction:g}" and "data-other" in tr.attrs
+        ]
+        nothing_significant = all("no significant difference" in v for v in verdicts)
+        assert ("cannot separate" in text) == nothing_significant
+        if nothing_significant:
+            assert "detects AUC differences of about" in text
     # The same advice sits at the top of the page.
     summary = squash(page.find_all("aside", id="summary")[0].text())
     for li in items:
         assert squash(li.text()) in summary
+    assert "indistinguishable" not in squash(page.text())
 
 
 def test_figures_sections_show_each_init(page: Node) -> None:

@@ -20,9 +20,10 @@ from medpretrain.budgets import Budget, select
 from medpretrain.data import Dataset, load_dataset
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
 from medpretrain.inits import InitSpec, checkpoint_meta, parse_init
-from medpretrain.metrics import score
+from medpretrain.metrics import accuracy, auc, score
 from medpretrain.protocols import EvalContext, get_protocol
 from medpretrain.runtime import cache_root, library_versions, stable_hash
+from medpretrain.stats import cell_intervals
 from medpretrain.store import Store
 
 # Measured here: an ImageNet linear probe on pneumoniamnist scores AUC 0.70 at 28 px (below random
@@ -54,6 +55,9 @@ class Cell:
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
     init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
+    # "pretrained" when this study pre-trained the checkpoint itself (what it cost is the report's concern);
+    # otherwise the init's own kind. Not part of the key: the same weights are the same init.
+    pretrained_here: bool = False
 
     @cached_property
     def init_spec(self) -> InitSpec:
@@ -63,9 +67,15 @@ class Cell:
     def init_name(self) -> str:
         return self.init_label or self.init_spec.label
 
+    @property
+    def init_kind(self) -> str:
+        """scratch, imagenet, checkpoint (a file the user brought) or pretrained (pre-trained by this study)."""
+        return "pretrained" if self.pretrained_here else self.init_spec.kind
+
     def config(self) -> dict[str, Any]:
         config = asdict(self)
         config.pop("init_label")
+        config.pop("pretrained_here")
         config["init_key"] = self.init_spec.key
         if self.init_spec.kind == "scratch" and get_protocol(self.protocol).uses_features:
             config["feature_seed"] = SCRATCH_FEATURE_SEED
@@ -114,9 +124,11 @@ def run_cell(
         keep_model=keep_model,
     )
     prediction = protocol.run(ctx)
-    # The bootstrap seed is the cell's seed, so a cell's interval is reproducible (the report's paired tests
-    # resample every cell alike instead: report.PAIRED_RESAMPLE_SEED).
-    metrics = score(dataset.labels["test"], prediction.test_proba, dataset.task, seed=cell.seed)
+    y_test, y_val = dataset.labels["test"], dataset.labels["val"]
+    metrics = score(y_test, prediction.test_proba, dataset.task)
+    # The bootstrap seed is the cell's seed, so a cell's own test-set interval is reproducible (the report's
+    # comparisons resample every cell of a data set alike instead).
+    intervals = cell_intervals(y_test, prediction.test_proba, dataset.task, seed=cell.seed)
     config = cell.config()
     row = {
         "cell_key": cell.key,
@@ -130,6 +142,10 @@ def run_cell(
         "seed": cell.seed,
         "n_labeled": len(train_idx),
         **metrics,
+        **intervals,
+        "val_auc": auc(y_val, prediction.val_proba, dataset.task),
+        "val_acc": accuracy(y_val, prediction.val_proba, dataset.task),
+        "init_kind": cell.init_kind,
         "seconds": round(time.perf_counter() - started, 2),
         "task": dataset.task.value,
         "size": cell.size,

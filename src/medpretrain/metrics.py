@@ -1,7 +1,8 @@
-"""Test-split metrics with bootstrap confidence intervals, for every task type.
+"""Point metrics of test-split predictions, for every task type; intervals and tests live in `stats`.
 
 scikit-learn computes each metric; what is written here is only what it lacks: the task-aware glue
-(binary vs multi-class vs multi-label), expected calibration error and the bootstrap.
+(binary vs multi-class vs ordinal vs multi-label), expected calibration error, and an AUC that scores many
+weightings of the test images at once (the bootstrap's resamples).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from sklearn.metrics import (
 from medpretrain.data.base import Task
 
 METRIC_NAMES: tuple[str, ...] = ("auc", "acc", "balanced_acc", "f1_macro", "kappa", "ece")
-CI_METRICS: tuple[str, ...] = ("auc", "acc")
-N_BOOTSTRAP = 1000
 
 
 def probabilities(logits: torch.Tensor | np.ndarray, task: Task) -> np.ndarray:
@@ -56,7 +55,7 @@ def _weighted_binary_auc(scores: np.ndarray, positive: np.ndarray, weights: np.n
         return np.where(pairs > 0, wins / np.where(pairs > 0, pairs, 1), np.nan)
 
 
-def _weighted_auc(y: np.ndarray, proba: np.ndarray, task: Task, weights: np.ndarray) -> np.ndarray:
+def weighted_auc(y: np.ndarray, proba: np.ndarray, task: Task, weights: np.ndarray) -> np.ndarray:
     """Macro one-vs-rest AUC (MedMNIST's definition) for each row of `weights`; NaN where undefined."""
     task = Task(task)
     if task is Task.MULTILABEL:
@@ -73,7 +72,7 @@ def _weighted_auc(y: np.ndarray, proba: np.ndarray, task: Task, weights: np.ndar
 
 def auc(y: np.ndarray, proba: np.ndarray, task: Task) -> float:
     """Macro one-vs-rest AUC; mean per label for multi-label; NaN when it is undefined."""
-    return float(_weighted_auc(np.asarray(y), np.asarray(proba, dtype=np.float64), task, np.ones((1, len(y))))[0])
+    return float(weighted_auc(np.asarray(y), np.asarray(proba, dtype=np.float64), task, np.ones((1, len(y))))[0])
 
 
 def accuracy(y: np.ndarray, proba: np.ndarray, task: Task) -> float:
@@ -84,17 +83,7 @@ def accuracy(y: np.ndarray, proba: np.ndarray, task: Task) -> float:
     return float(accuracy_score(y, pred))
 
 
-def expected_calibration_error(y: np.ndarray, proba: np.ndarray, task: Task, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width bins (Guo et al., 2017); per-label mean for multi-label.
-
-    Hand-written because scikit-learn offers only the reliability curve, not the weighted error.
-    """
-    if Task(task) is Task.MULTILABEL:
-        conf = np.where(proba >= 0.5, proba, 1 - proba).ravel()
-        correct = ((proba >= 0.5).astype(int) == y).ravel()
-    else:
-        conf = proba.max(axis=1)
-        correct = proba.argmax(axis=1) == y
+def _ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
     bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
     total = 0.0
     for b in np.unique(bins):
@@ -103,8 +92,36 @@ def expected_calibration_error(y: np.ndarray, proba: np.ndarray, task: Task, n_b
     return float(total / len(conf))
 
 
-def _point_metrics(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, float]:
+def expected_calibration_error(y: np.ndarray, proba: np.ndarray, task: Task, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width bins (Guo et al., 2017); for multi-label, the mean over labels of each
+    label's binary ECE (confidence in the thresholded prediction).
+
+    Hand-written because scikit-learn offers only the reliability curve, not the weighted error.
+    """
+    if Task(task) is Task.MULTILABEL:
+        conf = np.where(proba >= 0.5, proba, 1 - proba)
+        correct = (proba >= 0.5).astype(int) == y
+        return float(np.mean([_ece(conf[:, j], correct[:, j], n_bins) for j in range(y.shape[1])]))
+    return _ece(proba.max(axis=1), proba.argmax(axis=1) == y, n_bins)
+
+
+def kappa_weighting(task: Task) -> str | None:
+    """scikit-learn's `weights` for Cohen's kappa: quadratic for ordinal tasks, where the class order means
+    something; unweighted otherwise, where a quadratic weight would depend on the arbitrary order of the classes."""
+    return "quadratic" if Task(task) is Task.ORDINAL else None
+
+
+def kappa_name(task: Task) -> str:
+    return "quadratic-weighted κ" if Task(task) is Task.ORDINAL else "Cohen's κ (unweighted)"
+
+
+def score(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, float]:
+    """All headline point metrics of one set of test predictions (intervals: `stats.cell_intervals`)."""
     task = Task(task)
+    y = np.asarray(y)
+    proba = np.asarray(proba, dtype=np.float64)
+    if len(y) != len(proba):
+        raise ValueError(f"{len(y)} labels but {len(proba)} predictions")
     pred = predict_labels(proba, task)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # undefined precision on absent classes is reported as 0, which is right
@@ -112,7 +129,7 @@ def _point_metrics(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, fl
             balanced = np.mean([balanced_accuracy_score(y[:, j], pred[:, j]) for j in range(y.shape[1])])
             f1 = f1_score(y, pred, average="macro", zero_division=0)
             kappas = [
-                cohen_kappa_score(y[:, j], pred[:, j], weights="quadratic")
+                cohen_kappa_score(y[:, j], pred[:, j])
                 if len(np.unique(np.concatenate([y[:, j], pred[:, j]]))) > 1
                 else 1.0
                 for j in range(y.shape[1])
@@ -122,7 +139,7 @@ def _point_metrics(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, fl
             balanced = balanced_accuracy_score(y, pred)
             f1 = f1_score(y, pred, average="macro", zero_division=0)
             agree = len(np.unique(np.concatenate([y, pred]))) > 1
-            kappa = cohen_kappa_score(y, pred, weights="quadratic") if agree else 1.0
+            kappa = cohen_kappa_score(y, pred, weights=kappa_weighting(task)) if agree else 1.0
     return {
         "auc": auc(y, proba, task),
         "acc": accuracy(y, proba, task),
@@ -131,42 +148,3 @@ def _point_metrics(y: np.ndarray, proba: np.ndarray, task: Task) -> dict[str, fl
         "kappa": float(kappa),
         "ece": expected_calibration_error(y, proba, task),
     }
-
-
-def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) multiplicities of each test image in each resample. The same seed gives the same
-    resamples, so two inits scored on one test split can be compared pairwise (the report relies on it)."""
-    return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-
-
-def bootstrap(
-    y: np.ndarray, proba: np.ndarray, task: Task, *, n_boot: int = N_BOOTSTRAP, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Bootstrap distribution of AUC and accuracy over test-set resamples."""
-    counts = bootstrap_counts(len(y), n_boot, seed)
-    pred = predict_labels(proba, task)
-    correct = (pred == y).mean(axis=1) if Task(task) is Task.MULTILABEL else (pred == y).astype(float)
-    # Blocks of resamples bound the (block, n) temporaries on large test splits (tissuemnist: 47k images).
-    blocks = [counts[i : i + 100] for i in range(0, n_boot, 100)]
-    return {
-        "auc": np.concatenate([_weighted_auc(y, proba, task, block) for block in blocks]),
-        "acc": counts @ correct / len(y),
-    }
-
-
-def score(
-    y: np.ndarray, proba: np.ndarray, task: Task, *, n_boot: int = N_BOOTSTRAP, seed: int = 0
-) -> dict[str, float]:
-    """All headline metrics plus 95% percentile-bootstrap intervals for AUC and accuracy."""
-    y = np.asarray(y)
-    proba = np.asarray(proba, dtype=np.float64)
-    if len(y) != len(proba):
-        raise ValueError(f"{len(y)} labels but {len(proba)} predictions")
-    out = _point_metrics(y, proba, task)
-    dist = bootstrap(y, proba, task, n_boot=n_boot, seed=seed)
-    for name in CI_METRICS:
-        values = dist[name][~np.isnan(dist[name])]
-        low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
-        out[f"{name}_ci_low"] = float(low)
-        out[f"{name}_ci_high"] = float(high)
-    return out

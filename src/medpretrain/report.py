@@ -15,9 +15,9 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from medpretrain.data import load_dataset
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
-from medpretrain.metrics import N_BOOTSTRAP, auc, bootstrap, predict_labels
+from medpretrain.metrics import kappa_name, predict_labels
+from medpretrain.stats import ALPHA, N_BOOTSTRAP, Estimate, TestResamples, combine, format_p, holm, paired_from_scores
 from medpretrain.store import Store
 from medpretrain.summary import budget_label, summarize
 
@@ -43,7 +44,7 @@ TEMPLATE = "report.html.j2"
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("curves", "Label-efficiency curves"),
     ("table", "Results table"),
-    ("significance", "Best vs runner-up: paired bootstrap"),
+    ("significance", "Is the best better? Seed-aware paired tests"),
     ("finetune", "Fine-tuning curves and overfitting"),
     ("gradcam", "Grad-CAM"),
     ("embeddings", "Frozen-feature embeddings (UMAP)"),
@@ -51,73 +52,32 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("recommendation", "Recommendation"),
     ("config", "Study configuration and provenance"),
 )
-ALPHA = 0.05
 GRADCAM_CORRECT = 4
 GRADCAM_WRONG = 4
 UMAP_MAX_POINTS = 2000
 UMAP_MIN_POINTS = 10
-# Every seed's difference is taken on the same test resamples. All seeds share one test set, so resampling it
-# independently per seed and averaging the differences would shrink the test-set noise by √seeds and make
-# small differences look significant.
-PAIRED_RESAMPLE_SEED = 0
+# Every cell of a data set is scored on the same stratified test resamples: all arms and seeds share one test
+# set, so its noise is shared too (stats.TestResamples).
+RESAMPLE_SEED = 0
 DPI = 96
-# Protocol cost, cheapest first: a tie in accuracy is broken towards the cheaper way to get there.
+# The cost model of the recommendation. What it costs to obtain an init: only a self-supervised pre-training of
+# your own costs compute before evaluation (ImageNet weights are downloaded; a checkpoint you brought exists).
+INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "pretrained": 1}
+# What a protocol costs to run, cheapest first: kNN fits nothing, a linear probe fits a head on frozen features,
+# fine-tuning trains the whole network. Compute per image also grows with the image size (pixels).
 PROTOCOL_COST = {"knn": 0, "linear": 1, "finetune": 2}
+PROTOCOL_PHRASES = {"knn": "kNN on frozen features fits nothing", "linear": "a linear probe trains no network"}
 INIT_PHRASES = {"ImageNet": "ImageNet transfer", "scratch": "training from scratch"}
+ROLES = ("runner-up", "ImageNet transfer", "scratch")  # what the best of a group is compared with
 
 
-# ------------------------------------------------------------------------------------------ paired test
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """A metric of `a` minus the same metric of `b` on the same test images (the report compares AUC), paired over
-    seeds and bootstrap resamples."""
-
-    delta: float  # mean over seeds of the point difference
-    low: float  # 2.5 and 97.5 percentiles of the seed-averaged bootstrap difference
-    high: float
-    p: float  # two-sided: 2·min(P(diff ≤ 0), P(diff ≥ 0)), floored at 1/n_boot
-    n_seeds: int
-    n_boot: int
-
-    @property
-    def significant(self) -> bool:
-        return self.p < ALPHA
-
-
-def paired_test(draws: Sequence[tuple[np.ndarray, float]]) -> PairedTest | None:
-    """Paired bootstrap test of a metric difference a − b (AUC in the report) from, per seed both arms have:
-    (metric_a − metric_b on each bootstrap resample, the observed metric_a − metric_b).
-
-    Every arm and seed is resampled with the same test-set resamples (`PAIRED_RESAMPLE_SEED`), so the
-    differences are paired across arms and the seed average keeps the full test-set noise. Resamples whose
-    metric is undefined (AUC with a single class drawn) are dropped. None when no resample is usable.
-    """
-    if not draws:
-        return None
-    diff = np.mean([d for d, _ in draws], axis=0)
-    deltas = [delta for _, delta in draws]
-    diff = diff[~np.isnan(diff)]
-    if len(diff) == 0:
-        return None
-    p = 2.0 * min(float((diff <= 0).mean()), float((diff >= 0).mean()))
-    low, high = np.percentile(diff, [2.5, 97.5])
-    return PairedTest(
-        delta=float(np.nanmean(deltas)),
-        low=float(low),
-        high=float(high),
-        p=min(1.0, max(p, 1.0 / len(diff))),
-        n_seeds=len(draws),
-        n_boot=len(diff),
-    )
-
-
-def format_p(p: float, n_boot: int = N_BOOTSTRAP) -> str:
-    """'p = 0.034'; at the resolution floor of the bootstrap 'p ≤ 0.001' (it cannot say less)."""
-    if p <= 1.0 / n_boot:
-        return f"p ≤ {1.0 / n_boot:.2g}"
-    return f"p = {p:.2g}" if p < 0.1 else f"p = {p:.2f}"
+def init_kind(row: dict[str, Any]) -> str:
+    """A row's `init_kind`; rows stored before that column existed are told apart by their init key (our own
+    pre-training checkpoints are keyed `pre-…`, other files `ckpt-…`)."""
+    if row.get("init_kind"):
+        return str(row["init_kind"])
+    key = str(row.get("init_key", ""))
+    return "pretrained" if key.startswith("pre-") else "checkpoint" if key.startswith("ckpt-") else key
 
 
 # ------------------------------------------------------------------------------------------ run contents
@@ -211,16 +171,23 @@ class _Run:
         self.arm_order = self._arm_order()
         palette = colormaps["tab10" if len(self.arm_order) <= 10 else "tab20"]
         self.colors = {arm: palette(i % palette.N) for i, arm in enumerate(self.arm_order)}
+        self.kinds = {r["arm"]: init_kind(r) for r in self.rows}
         # (dataset, protocol, budget, arm) → seed → row; a later row of the same seed replaces an earlier one.
         self.cells: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
         for r in self.rows:
             self.cells[(r["dataset"], r["protocol"], r["budget"], r["arm"])][r["seed"]] = r
-        self.records = self._records()
         self._datasets: dict[tuple, Dataset] = {}
         self._proba: dict[str, np.ndarray | None] = {}
         self._labels: dict[str, tuple[np.ndarray, Task, list[str]]] = {}
-        self._boot: dict[str, tuple[np.ndarray, float] | None] = {}
+        self._resamples: dict[str, TestResamples] = {}
+        self._scores: dict[tuple[str, str], tuple[float, np.ndarray] | None] = {}
+        self._family: list[dict[str, Any]] | None = None
         self.notes: list[str] = []
+        if any(r.get("val_auc") is None for r in self.rows):
+            self.notes.append(
+                "Some cells were stored by an older version without validation metrics: they are ranked last, "
+                "so no best is chosen from them; re-run them (delete their rows) to rank them on validation."
+            )
 
     def _arm_order(self) -> list[str]:
         """scratch, then ImageNet, then the rest in the order the study ran them (its own init order)."""
@@ -231,15 +198,26 @@ class _Run:
         rank = {"scratch": 0, "ImageNet": 1}
         return sorted(seen, key=lambda a: (rank.get(a.split(" (")[0], 2), seen.index(a)))
 
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        return self._records()
+
     def _records(self) -> list[dict[str, Any]]:
+        """One record per (dataset, protocol, budget, arm): means over seeds, the 95% interval of each mean over
+        seeds (seed and test-set variance: stats.combine), and the mean validation AUC that ranks it."""
         labels = _arm_labels(self.rows)
         out = []
         for rec in summarize(self.rows):
             rec["arm"] = labels[_arm_key(rec)]
             members = list(self.cells[(rec["dataset"], rec["protocol"], rec["budget"], rec["arm"])].values())
-            for name in ("auc_ci_low", "auc_ci_high", "acc_ci_low", "acc_ci_high"):
-                rec[name] = _mean(m.get(name) for m in members)
+            for metric in ("auc", "acc"):
+                estimate = self.mean_estimate(members, metric)
+                rec[f"{metric}_ci_low"] = estimate.low if estimate else math.nan
+                rec[f"{metric}_ci_high"] = estimate.high if estimate else math.nan
+            val = [m.get("val_auc") for m in members]
+            rec["val_auc_mean"] = _mean(val) if all(v is not None for v in val) else math.nan
             rec["seeds"] = sorted(m["seed"] for m in members)
+            rec["init_kind"] = init_kind(members[0])
             out.append(rec)
         return out
 
@@ -262,14 +240,18 @@ class _Run:
         return sorted(sizes, key=lambda b: float(np.mean(sizes[b])))
 
     def group(self, dataset: str, protocol: str | None, budget: str) -> list[dict[str, Any]]:
-        """Records of one (dataset, protocol, budget) — all protocols when None — best mean AUC first."""
+        """Records of one (dataset, protocol, budget) — all protocols when None — best mean *validation* AUC
+        first (the test split never chooses), then cheaper protocols, then the init order."""
         recs = [
             r
             for r in self.records
             if r["dataset"] == dataset and r["budget"] == budget and protocol in (None, r["protocol"])
         ]
         order = {a: i for i, a in enumerate(self.arm_order)}
-        return sorted(recs, key=lambda r: (-_sort_value(r["auc_mean"]), order[r["arm"]]))
+        return sorted(
+            recs,
+            key=lambda r: (-_sort_value(r["val_auc_mean"]), PROTOCOL_COST.get(r["protocol"], 9), order[r["arm"]]),
+        )
 
     def seeds_of(self, rec: dict[str, Any]) -> dict[int, dict[str, Any]]:
         return self.cells[(rec["dataset"], rec["protocol"], rec["budget"], rec["arm"])]
@@ -306,28 +288,76 @@ class _Run:
             self._proba[key] = proba
         return self._proba[key]
 
-    def _bootstrap(self, row: dict[str, Any]) -> tuple[np.ndarray, float] | None:
-        """(bootstrap AUCs on the shared test resamples, point AUC) of one cell; the significance table and the
-        recommendation compare the same cells, so each is resampled once."""
-        key = row["cell_key"]
-        if key not in self._boot:
+    def scores(self, row: dict[str, Any], metric: str) -> tuple[float, np.ndarray] | None:
+        """(metric on the test set, metric on each shared test resample) of one cell, or None without
+        predictions; the table, the tests and the recommendation use the same cells, so each is scored once."""
+        key = (row["cell_key"], metric)
+        if key not in self._scores:
             proba = self.proba(row)
             y, task, _ = self.labels(row)
-            if proba is None:
-                self._boot[key] = None
-            else:
-                self._boot[key] = (bootstrap(y, proba, task, seed=PAIRED_RESAMPLE_SEED)["auc"], auc(y, proba, task))
-        return self._boot[key]
+            if row["dataset"] not in self._resamples:
+                self._resamples[row["dataset"]] = TestResamples(y, task, n_boot=N_BOOTSTRAP, seed=RESAMPLE_SEED)
+            self._scores[key] = None if proba is None else self._resamples[row["dataset"]].scores(proba, metric)
+        return self._scores[key]
 
-    def compare(self, a: dict[str, Any], b: dict[str, Any]) -> PairedTest | None:
-        """`paired_test` of record `a` against record `b` over the seeds both have."""
+    def mean_estimate(self, members: list[dict[str, Any]], metric: str) -> Estimate | None:
+        """The mean over these seeds' cells with its seed-and-test-set interval (None without predictions)."""
+        scored = [s for s in (self.scores(m, metric) for m in members) if s is not None]
+        if not scored:
+            return None
+        return combine([p for p, _ in scored], np.stack([b for _, b in scored]), metric=metric)
+
+    def compare(self, a: dict[str, Any], b: dict[str, Any], metric: str = "auc") -> Estimate | None:
+        """`stats.paired_from_scores` of record `a` against record `b`, seed s paired with seed s, over the
+        seeds both have with predictions."""
         seeds_a, seeds_b = self.seeds_of(a), self.seeds_of(b)
-        draws = []
-        for seed in sorted(set(seeds_a) & set(seeds_b)):
-            boot_a, boot_b = self._bootstrap(seeds_a[seed]), self._bootstrap(seeds_b[seed])
-            if boot_a is not None and boot_b is not None:
-                draws.append((boot_a[0] - boot_b[0], boot_a[1] - boot_b[1]))
-        return paired_test(draws)
+        shared = sorted(set(seeds_a) & set(seeds_b))
+        pairs = [(self.scores(seeds_a[s], metric), self.scores(seeds_b[s], metric)) for s in shared]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        if not pairs:
+            return None
+        return paired_from_scores([x for x, _ in pairs], [y for _, y in pairs], metric=metric)
+
+    def family(self) -> list[dict[str, Any]]:
+        """Every test the report shows, Holm-adjusted together: per (dataset, protocol, budget) the best arm on
+        validation against the runner-up, ImageNet transfer and training from scratch (each once, where present)."""
+        if self._family is not None:
+            return self._family
+        family = []
+        for dataset in self.datasets:
+            for protocol in self.protocols(dataset):
+                for budget in self.budgets(dataset, protocol):
+                    ranked = [r for r in self.group(dataset, protocol, budget) if math.isfinite(r["val_auc_mean"])]
+                    if len(ranked) < 2:
+                        continue
+                    best, others = ranked[0], ranked[1:]
+                    candidates = {
+                        "runner-up": others[0],
+                        "ImageNet transfer": next((r for r in others if r["init_kind"] == "imagenet"), None),
+                        "scratch": next((r for r in others if r["init_kind"] == "scratch"), None),
+                    }
+                    against: dict[str, dict[str, Any]] = {}
+                    roles: dict[str, list[str]] = defaultdict(list)
+                    for role in ROLES:
+                        rec = candidates[role]
+                        if rec is not None:
+                            against.setdefault(rec["arm"], rec)
+                            roles[rec["arm"]].append(role)
+                    for arm, other in against.items():
+                        test = self.compare(best, other)
+                        family.append(
+                            {"dataset": dataset, "protocol": protocol, "budget": budget, "best": best,
+                             "other": other, "roles": roles[arm], "test": test}
+                        )  # fmt: skip
+        adjusted = holm([e["test"].p if e["test"] is not None else math.nan for e in family])
+        for entry, p_adj in zip(family, adjusted, strict=True):
+            entry["p_adj"] = p_adj
+            entry["significant"] = bool(math.isfinite(p_adj) and p_adj < ALPHA)
+        self._family = family
+        return family
+
+    def tested(self, best: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
+        return next((e for e in self.family() if e["best"] is best and e["other"] is other), None)
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -432,7 +462,7 @@ def _table(run: _Run) -> list[dict[str, Any]]:
         for protocol in run.protocols(dataset):
             for budget in run.budgets(dataset, protocol):
                 recs = run.group(dataset, protocol, budget)
-                best = recs[0]["arm"] if recs and math.isfinite(recs[0]["auc_mean"]) else None
+                best = recs[0]["arm"] if recs and math.isfinite(recs[0]["val_auc_mean"]) else None
                 rows = []
                 order = {a: i for i, a in enumerate(run.arm_order)}
                 for rec in sorted(recs, key=lambda r: order[r["arm"]]):
@@ -443,6 +473,7 @@ def _table(run: _Run) -> list[dict[str, Any]]:
                             "n_labeled": f"{rec['n_labeled']:.0f}",
                             "n_seeds": rec["n_seeds"],
                             "image_size": rec["image_size"],
+                            "val_auc": _fmt(rec["val_auc_mean"]),
                             "auc": _mean_std(rec, "auc"),
                             "auc_ci": f"{_fmt(rec['auc_ci_low'])}–{_fmt(rec['auc_ci_high'])}",
                             "acc": _mean_std(rec, "acc"),
@@ -452,36 +483,44 @@ def _table(run: _Run) -> list[dict[str, Any]]:
                         }
                     )
                 groups.append({"protocol": protocol, "budget": budget, "rows": rows})
-        tables.append({"dataset": dataset, "groups": groups})
+        task = next(r["task"] for r in run.rows if r["dataset"] == dataset)
+        tables.append({"dataset": dataset, "groups": groups, "kappa": kappa_name(Task(task))})
     return tables
 
 
 def _significance(run: _Run) -> list[dict[str, Any]]:
+    """One row per test of the family (all Holm-adjusted together), plus a note per group with nothing to test."""
     out = []
+    family = run.family()
     for dataset in run.datasets:
         for protocol in run.protocols(dataset):
             for budget in run.budgets(dataset, protocol):
-                recs = [r for r in run.group(dataset, protocol, budget) if math.isfinite(r["auc_mean"])]
-                entry: dict[str, Any] = {"dataset": dataset, "protocol": protocol, "budget": budget}
-                if len(recs) < 2:
-                    entry["note"] = "only one initialisation evaluated here: nothing to compare"
-                    out.append(entry)
-                    continue
-                best, runner = recs[0], recs[1]
-                test = run.compare(best, runner)
-                entry.update(best=best["arm"], runner=runner["arm"])
-                if test is None:
-                    entry["note"] = "no seed with predictions of both: no paired test"
-                else:
-                    entry.update(
-                        delta=f"{test.delta:+.3f}",
-                        interval=f"{test.low:+.3f} to {test.high:+.3f}",
-                        p=format_p(test.p, test.n_boot),
-                        significant=test.significant,
-                        seeds=test.n_seeds,
-                        n_boot=test.n_boot,
+                entries = [
+                    e for e in family if (e["dataset"], e["protocol"], e["budget"]) == (dataset, protocol, budget)
+                ]
+                base = {"dataset": dataset, "protocol": protocol, "budget": budget}
+                if not entries:
+                    note = "fewer than two initialisations with validation results: nothing to compare"
+                    out.append({**base, "note": note})
+                for e in entries:
+                    test = e["test"]
+                    row = {**base, "best": e["best"]["arm"], "other": e["other"]["arm"], "roles": ", ".join(e["roles"])}
+                    if test is None or not math.isfinite(test.p):
+                        out.append({**row, "note": "no seed with predictions of both: no test"})
+                        continue
+                    out.append(
+                        {
+                            **row,
+                            "delta": f"{test.delta:+.3f}",
+                            "interval": f"{test.low:+.3f} to {test.high:+.3f}",
+                            "p": format_p(test.p, test.n_boot if test.n_seeds == 1 else None),
+                            "p_adj": format_p(e["p_adj"], test.n_boot if test.n_seeds == 1 else None),
+                            "significant": e["significant"],
+                            "seeds": test.n_seeds,
+                            "method": test.method,
+                            "detectable": f"{test.detectable():.3f}",
+                        }
                     )
-                out.append(entry)
     return out
 
 
@@ -647,9 +686,9 @@ def _gradcam(run: _Run) -> list[dict[str, Any]]:
 
     out = []
     for dataset, models in _models(run).items():
-        # Mean AUC (over seeds) of each kept network's own arm and budget decides whose predictions pick cases.
+        # Mean validation AUC (over seeds) of each kept network's arm and budget decides whose predictions pick cases.
         rec_auc = {
-            (r["arm"], r["budget"]): r["auc_mean"]
+            (r["arm"], r["budget"]): r["val_auc_mean"]
             for r in run.records
             if r["dataset"] == dataset and r["protocol"] == "finetune"
         }
@@ -792,7 +831,7 @@ def _per_class(run: _Run) -> list[dict[str, Any]]:
     out = []
     for dataset in run.datasets:
         budgets = run.budgets(dataset)
-        candidates = [r for r in run.group(dataset, None, budgets[-1]) if math.isfinite(r["auc_mean"])]
+        candidates = [r for r in run.group(dataset, None, budgets[-1]) if math.isfinite(r["val_auc_mean"])]
         if not candidates:
             continue
         best = candidates[0]
@@ -878,78 +917,129 @@ def _phrase(arm: str) -> str:
     return INIT_PHRASES.get(arm, arm)
 
 
-def _needs_pretraining(rec: dict[str, Any], run: _Run) -> bool:
-    row = next(iter(run.seeds_of(rec).values()))
-    return str(row.get("init_key", "")).startswith("ckpt-")
+def _cheaper(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The cost model in one sentence: which of two records is cheaper to obtain and run, and why."""
+    cost_a, cost_b = INIT_COST.get(a["init_kind"], 1), INIT_COST.get(b["init_kind"], 1)
+    if cost_a != cost_b:
+        cheap = a if cost_a < cost_b else b
+        return f"{_phrase(cheap['arm'])} is the cheaper: it needs no self-supervised pre-training of your own."
+    if a["image_size"] != b["image_size"]:
+        cheap, dear = (a, b) if a["image_size"] < b["image_size"] else (b, a)
+        ratio = (dear["image_size"] / cheap["image_size"]) ** 2
+        return (
+            f"{_phrase(cheap['arm'])} is the cheaper: it runs at {cheap['image_size']} px instead of "
+            f"{dear['image_size']} px, about {_about(ratio)}× less compute per image."
+        )
+    cost_a, cost_b = PROTOCOL_COST.get(a["protocol"], 9), PROTOCOL_COST.get(b["protocol"], 9)
+    if cost_a != cost_b:
+        cheap = a if cost_a < cost_b else b
+        return f"{_phrase(cheap['arm'])} ({cheap['protocol']}) is the cheaper: {PROTOCOL_PHRASES[cheap['protocol']]}."
+    return "Both cost about the same to obtain and run."
+
+
+def _p_pair(test: Estimate, p_adj: float) -> str:
+    floor = test.n_boot if test.n_seeds == 1 else None
+    return f"{format_p(test.p, floor)}, Holm-adjusted {format_p(p_adj, floor)}"
+
+
+def _reference(best: dict[str, Any], same: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What the best is measured against: ImageNet transfer, else training from scratch, else the runner-up."""
+    others = [r for r in same if r is not best]
+    for kind in ("imagenet", "scratch"):
+        found = next((r for r in others if r["init_kind"] == kind), None)
+        if found is not None:
+            return found
+    return others[0] if others else None
+
+
+def _cannot_separate(run: _Run, dataset: str, budget: str, test: Estimate, n_test: int) -> str:
+    """The In-short sentence for a budget at which no test of the family is significant after adjustment."""
+    n_tests = sum(1 for e in run.family() if e["dataset"] == dataset and e["budget"] == budget)
+    remedy, part = ("more seeds", "seed-to-seed") if test.limited_by == "seeds" else ("a larger test set", "test-set")
+    return (
+        f" At this budget the study cannot separate the initialisations: none of its {n_tests} test"
+        f"{'s' if n_tests != 1 else ''} is significant after Holm adjustment. With {test.n_seeds} "
+        f"seed{'s' if test.n_seeds != 1 else ''} and {n_test} test images it detects AUC differences of about "
+        f"{test.detectable():.3f} (80% power, α = {ALPHA:g}); {remedy} would make smaller ones detectable (the "
+        f"{part} variance is the larger part of the uncertainty)."
+    )
 
 
 def _recommendation(run: _Run) -> list[dict[str, Any]]:
+    """Per data set and budget: the best (init, protocol) on validation, tested against a reference under the same
+    protocol, worded from the Holm-adjusted p-value and the cost model."""
     out = []
     for dataset in run.datasets:
         sentences = []
         for budget in run.budgets(dataset):
-            recs = [r for r in run.group(dataset, None, budget) if math.isfinite(r["auc_mean"])]
+            recs = [r for r in run.group(dataset, None, budget) if math.isfinite(r["val_auc_mean"])]
             if not recs:
                 continue
             best = recs[0]
             protocol = best["protocol"]
-            _, _, classes = run.labels(next(iter(run.seeds_of(best).values())))
-            per_class = best["n_labeled"] / max(len(classes), 1)
-            about = _about(per_class)
+            first_row = next(iter(run.seeds_of(best).values()))
+            _, _, classes = run.labels(first_row)
+            about = _about(best["n_labeled"] / max(len(classes), 1))
             lead = (
                 f"With about {about} label{'' if about == '1' else 's'} per class ({_budget_phrase(best)}, "
                 f"{best['n_labeled']:.0f} labeled images)"
             )
-            same = [r for r in recs if r["protocol"] == protocol]
-            reference = next((r for r in same if r["arm"] == "ImageNet"), None) or next(
-                (r for r in same if r["arm"] == "scratch"), None
-            )
-            if reference is None or reference is best:
-                reference = next((r for r in same if r is not best), None)
+            name = f"{_phrase(best['arm'])} ({protocol}, best on validation)"
+            reference = _reference(best, [r for r in recs if r["protocol"] == protocol])
+            entry = run.tested(best, reference) if reference is not None else None
             if reference is None:
-                sentences.append(
-                    {
-                        "text": f"{lead}, {best['arm']} ({protocol}) reaches test AUC {_fmt(best['auc_mean'])}; "
-                        "no other initialisation was evaluated with this protocol, so there is nothing to compare.",
-                        "best": best["arm"],
-                        "significant": None,
-                    }
+                text = (
+                    f"{lead}, {name} reaches test AUC {_fmt(best['auc_mean'])}; no other initialisation was "
+                    "evaluated with this protocol, so there is nothing to compare."
                 )
+                sentences.append({"text": text, "best": best["arm"], "significant": None})
                 continue
-            test = run.compare(best, reference)
             ref = _phrase(reference["arm"])
-            if test is None:
+            test = entry["test"] if entry else None
+            if test is None or not math.isfinite(test.p):
                 text = (
-                    f"{lead}, {best['arm']} ({protocol}) scores {best['auc_mean'] - reference['auc_mean']:+.3f} AUC "
-                    f"over {ref}, but no seed has predictions of both, so there is no paired test."
+                    f"{lead}, {name} scores {best['auc_mean'] - reference['auc_mean']:+.3f} test AUC against {ref}, "
+                    "but no seed has predictions of both, so there is no test."
                 )
-            elif test.significant:
+                sentences.append({"text": text, "best": best["arm"], "significant": None})
+                continue
+            assert entry is not None
+            interval = f"95% interval {test.low:+.3f} to {test.high:+.3f}; {_p_pair(test, entry['p_adj'])}"
+            chosen = best["arm"]
+            if entry["significant"] and test.delta > 0:
+                text = f"{lead}, use {name}: {test.delta:+.3f} test AUC over {ref} ({interval})."
+            elif entry["significant"]:
+                chosen = reference["arm"]
                 text = (
-                    f"{lead}, use {_phrase(best['arm'])} ({protocol}): {test.delta:+.3f} AUC over {ref} "
-                    f"(95% interval {test.low:+.3f} to {test.high:+.3f}, {format_p(test.p, test.n_boot)})."
+                    f"{lead}, use {ref} ({protocol}): on test it beats {name} by {-test.delta:+.3f} AUC "
+                    f"({interval}), so the validation ranking did not hold."
                 )
             else:
-                cheaper = _cheaper(run, best, reference)
                 text = (
-                    f"{lead}, {_phrase(best['arm'])} ({protocol}, AUC {_fmt(best['auc_mean'])}) and {ref} "
-                    f"(AUC {_fmt(reference['auc_mean'])}) are statistically indistinguishable here "
-                    f"({test.delta:+.3f} AUC, {format_p(test.p, test.n_boot)}); prefer the cheaper one{cheaper}."
+                    f"{lead}, {name}, test AUC {_fmt(best['auc_mean'])}, and {ref}, {_fmt(reference['auc_mean'])}: "
+                    f"no significant difference ({test.delta:+.3f} AUC, {interval}). That is not evidence that they "
+                    f"are equivalent. {_cheaper(best, reference)}"
                 )
-            sentences.append(
-                {"text": text, "best": best["arm"], "significant": None if test is None else test.significant}
-            )
+            if not any(e["significant"] for e in run.family() if e["dataset"] == dataset and e["budget"] == budget):
+                text += _cannot_separate(run, dataset, budget, test, int(first_row["n_test"]))
+            sentences.append({"text": text, "best": chosen, "significant": entry["significant"]})
         out.append({"dataset": dataset, "sentences": sentences})
     return out
 
 
-def _cheaper(run: _Run, a: dict[str, Any], b: dict[str, Any]) -> str:
-    """', X (it needs no pre-training of your own)' when exactly one of the two needs self-supervised
-    pre-training; nothing when both cost the same to obtain."""
-    need_a, need_b = _needs_pretraining(a, run), _needs_pretraining(b, run)
-    if need_a == need_b:
-        return ""
-    cheap = b if need_a else a
-    return f", {_phrase(cheap['arm'])} (it needs no pre-training of your own)"
+def _test_sentence(run: _Run) -> str:
+    """What the tests do, in one sentence (plus one where a test had a single seed)."""
+    text = (
+        "Each test combines the seed-to-seed variation of the per-seed differences with the noise of the shared "
+        f"test set ({N_BOOTSTRAP} stratified bootstrap resamples, the same for every initialisation and seed) in a "
+        "t test (stats.paired_comparison); with few seeds it has little power."
+    )
+    if any(e["test"] is not None and e["test"].n_seeds == 1 for e in run.family()):
+        text += (
+            " With one seed there is no seed-to-seed variation to measure: such tests use the test-set bootstrap "
+            "alone, are labelled so, and understate the uncertainty."
+        )
+    return text
 
 
 def _config(run: _Run) -> dict[str, Any]:
@@ -1084,7 +1174,8 @@ def build_report(out_dir: Path, *, progress: bool = False) -> Path:
             seeds=sorted({r["seed"] for r in run.rows}),
             notes=run.notes,
             alpha=ALPHA,
-            n_boot=N_BOOTSTRAP,
+            test_sentence=_test_sentence(run),
+            n_tests=len(run.family()),
             **context,
         )
     )

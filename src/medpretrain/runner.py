@@ -110,6 +110,7 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str], Path]) -> list[C
                                 seed=seed,
                                 params=study.params_for(protocol),
                                 init_label=label,
+                                pretrained_here=isinstance(init, Pretraining),
                             )
                         )
     return cells

@@ -39,6 +39,9 @@ COLUMNS: dict[str, str] = {
     "f1_macro": "REAL",
     "kappa": "REAL",
     "ece": "REAL",
+    "val_auc": "REAL",  # of the model chosen on validation: the report ranks inits on it, never on test
+    "val_acc": "REAL",
+    "init_kind": "TEXT",  # scratch | imagenet | checkpoint (brought by the user) | pretrained (by this study)
     "seconds": "REAL",
     "task": "TEXT",
     "size": "INTEGER",
@@ -68,6 +71,12 @@ class Store:
         self.predictions_dir = self.out_dir / "predictions"
         with self._connect() as db:
             db.execute(f"CREATE TABLE IF NOT EXISTS results ({', '.join(f'{k} {v}' for k, v in COLUMNS.items())})")
+            # A store written by an older version lacks the newer columns: add them (NULL in its old rows), so
+            # resuming that run keeps its finished cells.
+            present = {r["name"] for r in db.execute("PRAGMA table_info(results)")}
+            for name, kind in COLUMNS.items():
+                if name not in present:
+                    db.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60)

@@ -33,9 +33,13 @@ class EvalContext:
 
 @dataclass
 class Prediction:
-    """Test-split probabilities plus what was chosen on validation and any training curves."""
+    """Test-split probabilities plus what was chosen on validation and any training curves.
+
+    `val_proba` are the chosen model's validation probabilities: the report ranks inits on them, never on test.
+    """
 
     test_proba: np.ndarray
+    val_proba: np.ndarray
     chosen: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)

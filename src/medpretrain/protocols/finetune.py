@@ -45,6 +45,7 @@ class FineTune(Protocol):
             )
         return Prediction(
             test_proba=result.test_proba,
+            val_proba=result.val_proba,
             chosen={"epoch": result.best_epoch},
             history=result.history,
             extra={"overfitting": result.overfitting, "weights": report.summary()},

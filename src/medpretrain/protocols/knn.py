@@ -53,6 +53,7 @@ class KNNProbe(Protocol):
         best_k, model, trace = choose_on_validation(candidates, fit_and_score)
         return Prediction(
             test_proba=_knn_proba(model, features["test"], n_classes, task),
+            val_proba=_knn_proba(model, features["val"], n_classes, task),
             chosen={"k": best_k},
             extra={"search": trace},
         )

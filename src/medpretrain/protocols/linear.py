@@ -71,6 +71,7 @@ class LinearProbe(Protocol):
         best_c, model, trace = choose_on_validation(list(params["C"]), fit_and_score)
         return Prediction(
             test_proba=full_proba(model, x["test"], n_classes, task),
+            val_proba=full_proba(model, x["val"], n_classes, task),
             chosen={"C": best_c},
             extra={"search": trace},
         )
