@@ -405,3 +405,22 @@ def test_a_run_without_results_is_an_input_error(tmp_path: Path) -> None:
     Store(tmp_path / "empty")  # created, but no cell has finished
     with pytest.raises(MedpretrainError, match="no finished cells"):
         build_report(tmp_path / "empty")
+
+
+def test_a_store_from_before_the_validation_columns_is_migrated(run_dir: Path, tmp_path: Path) -> None:
+    """Resuming or reporting a run stored by an older version: its rows lack val_auc and init_kind."""
+    import sqlite3
+
+    from medpretrain.store import COLUMNS
+
+    old = [c for c in COLUMNS if c not in ("val_auc", "val_acc", "init_kind")]
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        db.execute(f"CREATE TABLE results ({', '.join(f'{c} {COLUMNS[c]}' for c in old)})")
+    source, migrated = Store(run_dir), Store(tmp_path)
+    row = {k: v for k, v in source.rows()[0].items() if k in old}
+    migrated.put(row, source.predictions(row["cell_key"]))
+    (stored,) = migrated.rows()
+    assert stored["val_auc"] is None and stored["init_kind"] is None
+    from medpretrain.report import init_kind
+
+    assert init_kind(stored) == "scratch"  # derived from the init key where the column is empty

@@ -161,6 +161,8 @@ def test_run_writes_every_cell_and_reruns_nothing(tiny_study: Path, uninterrupte
     assert (uninterrupted / "study.json").exists() and (uninterrupted / "run_log.jsonl").exists()
     inits = {r["init"] for r in Store(uninterrupted).rows()}
     assert inits == {"scratch", "simclr (2 ep)"}
+    kinds = {(r["init"], r["init_kind"]) for r in Store(uninterrupted).rows()}
+    assert kinds == {("scratch", "scratch"), ("simclr (2 ep)", "pretrained")}  # pre-trained by this study
     code, stdout, stderr = run_cli("run", tiny_study, "--out", uninterrupted, "--no-report", "--no-progress")
     assert code == 0, stderr
     assert cells_run_reused(stdout) == (0, N_CELLS)
