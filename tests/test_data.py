@@ -17,12 +17,14 @@ from medpretrain.data import (
     MEDMNIST_FLAGS,
     SPLITS,
     Task,
+    check_spec,
     clear_cache,
     data_dir,
     list_datasets,
     load_dataset,
 )
 from medpretrain.data.images import read_image
+from medpretrain.data.subset import take_subset
 from medpretrain.errors import MedpretrainError
 
 SHARED_FLAGS = ("bloodmnist", "organamnist", "pneumoniamnist", "retinamnist")
@@ -102,6 +104,53 @@ def test_unknown_flag_lists_valid_flags() -> None:
 def test_unknown_size_is_an_error() -> None:
     with pytest.raises(MedpretrainError, match="28, 64, 128, 224"):
         load_dataset("bloodmnist", size=32)
+
+
+# --- subsets: flag[train=N,val=N,test=N] ------------------------------------------------------------------
+
+
+def test_oversized_subset_is_refused_with_split_and_counts() -> None:
+    n_train = INFO["pneumoniamnist"]["n_samples"]["train"]
+    with pytest.raises(MedpretrainError) as err:
+        load_dataset("pneumoniamnist[train=99999,val=10]")
+    msg = str(err.value)
+    assert "\n" not in msg
+    for fragment in ("'pneumoniamnist[train=99999,val=10]'", "train=99999", f"has only {n_train} images",
+                     f"use train={n_train} or fewer"):  # fmt: skip
+        assert fragment in msg, msg
+
+
+def test_oversized_subset_is_caught_from_metadata_without_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty data directory: the check needs only the release metadata, so it can run before any work.
+    monkeypatch.setenv("MEDPRETRAIN_DATA", str(tmp_path))
+    monkeypatch.setenv("MEDPRETRAIN_OFFLINE", "1")
+    n_test = INFO["bloodmnist"]["n_samples"]["test"]
+    with pytest.raises(MedpretrainError, match=f"test={n_test + 1} but the test split of bloodmnist has only {n_test}"):
+        check_spec(f"bloodmnist[test={n_test + 1}]")
+    check_spec(f"bloodmnist[test={n_test}]")  # the whole split is allowed
+    with pytest.raises(MedpretrainError, match=r"'nosuch' in 'nosuch\[train=10\]'"):
+        check_spec("nosuch[train=10]")
+    with pytest.raises(MedpretrainError, match=r"no size 32"):
+        check_spec("bloodmnist[train=10]", size=32)
+
+
+def test_subset_equal_to_split_keeps_it_whole_and_loaded_check_refuses_more() -> None:
+    full = load_dataset("pneumoniamnist")
+    n_val = len(full.labels["val"])
+    whole = load_dataset(f"pneumoniamnist[val={n_val}]")
+    assert np.array_equal(whole.labels["val"], full.labels["val"]) and whole.meta["subset"] == {"val": n_val}
+    # take_subset checks the loaded data too (image folders have no metadata to check first).
+    with pytest.raises(MedpretrainError, match=f"val={n_val + 1} but the val split of pneumoniamnist has only {n_val}"):
+        take_subset(full, {"val": n_val + 1})
+
+
+def test_oversized_subset_of_an_image_folder_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "xray"
+    for split, n in {"train": 6, "val": 2, "test": 3}.items():
+        _class_folder(root / split, {"normal": n, "sick": n})
+    with pytest.raises(MedpretrainError, match="train=50 but the train split of xray has only 12 images"):
+        load_dataset(f"{root}[train=50]")
+    assert len(load_dataset(f"{root}[train=4]").labels["train"]) == 4
 
 
 def test_missing_file_offline_names_path_and_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

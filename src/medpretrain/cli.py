@@ -12,7 +12,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from medpretrain.errors import MedpretrainError
 
@@ -23,8 +25,11 @@ app = typer.Typer(
     add_completion=False,
 )
 # Logs and CI capture output without a terminal; the summary table needs more than the default 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)
+# markup=False: what we print is full of brackets that rich would take for style tags and delete — subset
+# specs (`pneumoniamnist[train=200]`), extras (`medpretrain[ray]`), paths, hyper-parameter lists — and that
+# includes table cells built elsewhere (summary.py). Styles are opted into per call, with the text escaped.
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err_console = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -36,13 +41,19 @@ def handle_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except MedpretrainError as err:
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True, highlight=False, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True, highlight=False, markup=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished cells are kept in the results store; re-run to continue")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def log(message: str) -> None:
+    """Progress messages from the library, on stderr, printed literally (they carry specs and paths) and
+    unwrapped, so one message stays one line for grep and logs."""
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -59,7 +70,7 @@ def datasets(
     for info in list_datasets(size=size):
         table.add_row(
             info.flag,
-            "[green]yes[/]" if info.available else "[red]no[/]",
+            Text("yes", style="green") if info.available else Text("no", style="red"),
             str(info.n_train),
             str(info.n_val),
             str(info.n_test),
@@ -117,12 +128,15 @@ def evaluate(
     """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db."""
     from medpretrain.backbones import get_spec
     from medpretrain.budgets import Budget
+    from medpretrain.data import check_spec
     from medpretrain.evaluate import Cell, resolve_image_size, run_cells
     from medpretrain.inits import checkpoint_meta, parse_init
     from medpretrain.protocols import get_protocol
     from medpretrain.store import Store, export_json
     from medpretrain.summary import print_summary
 
+    # Everything checkable without data fails here, before the progress bar and before any image is read.
+    check_spec(dataset, size=size)
     for name in protocol:
         get_protocol(name)
     get_spec(backbone)
@@ -174,7 +188,7 @@ def evaluate(
             )
         )
     store = Store(out)
-    rows = run_cells(cells, store, progress=progress, log=lambda msg: err_console.print(msg, highlight=False))
+    rows = run_cells(cells, store, progress=progress, log=log)
     print_summary(rows, console)
     console.print(f"results: {store.path}")
     if json_path is not None:
@@ -249,12 +263,20 @@ def pretrain(
     The same request again reuses the finished checkpoint (files are named by a hash of the request).
     """
     from medpretrain.backbones import get_spec
+    from medpretrain.data import check_spec
+    from medpretrain.inits import parse_init
     from medpretrain.pretrain import PretrainRequest
     from medpretrain.pretrain import pretrain as run_pretraining
+    from medpretrain.ssl import method_config
 
+    # Everything checkable without data fails here, before images are loaded and the progress bar starts.
+    for spec in dict.fromkeys(s for s in (dataset, unlabeled_from) if s is not None):
+        check_spec(spec, size=size)
     get_spec(backbone)
+    parse_init(init)
     hparams = parse_hparams(hp)
     hparams.update({k: v for k, v in {"batch_size": batch_size, "lr": lr}.items() if v is not None})
+    method_config(method, hparams)
     request = PretrainRequest(
         dataset=unlabeled_from or dataset,
         method=method,
@@ -268,9 +290,7 @@ def pretrain(
         hparams=hparams,
         precision=precision,
     )
-    path = run_pretraining(
-        request, out, resume=resume, restart=restart, progress=progress, log=lambda m: err_console.print(m)
-    )
+    path = run_pretraining(request, out, resume=resume, restart=restart, progress=progress, log=log)
     print(path)
 
 
@@ -302,22 +322,34 @@ def run(
 
     if list_presets:
         for name in preset_names():
-            console.rule(f"preset: {name}")
+            console.rule(f"preset: {name}")  # console prints literally (markup=False)
             console.print(preset_text(name), highlight=False, markup=False)
         return
     study = load_study(study_file, preset=preset)
+    check_executor(executor)
     from medpretrain.runner import run_study
     from medpretrain.summary import print_summary
 
-    result = run_study(
-        study, out, executor=executor, address=address, progress=progress, log=lambda m: err_console.print(m)
-    )
+    result = run_study(study, out, executor=executor, address=address, progress=progress, log=log)
     print_summary(result.rows, console)
     console.print(f"results: {Path(out) / 'results.db'} ({result.cells_run} cells run, {result.cells_reused} reused)")
     if report:
         from medpretrain.report import build_report
 
         console.print(f"report: {build_report(out)}")
+
+
+def check_executor(name: str) -> None:
+    """An unknown executor, or ray without Ray installed, fails before the run directory is written."""
+    from medpretrain.executors import get_executor
+
+    get_executor(name)
+    if name == "ray":
+        try:
+            import ray  # noqa: F401  (only whether it imports; RayExecutor starts it)
+        except ImportError:
+            # Same words as RayExecutor's own check, which stays for library callers of run_study.
+            raise MedpretrainError("the ray executor needs Ray", "pip install 'medpretrain[ray]'") from None
 
 
 @app.command(name="report")

@@ -146,16 +146,25 @@ class Study(BaseModel):
 
     @field_validator("datasets")
     @classmethod
-    def _known_datasets(cls, values: list[str | DatasetEntry]) -> list[str | DatasetEntry]:
-        from medpretrain.data import MEDMNIST_FLAGS, parse_subset
+    def _known_datasets(cls, values: list[str | DatasetEntry], info: Any) -> list[str | DatasetEntry]:
+        from medpretrain.data import MEDMNIST_FLAGS, check_spec, parse_subset
 
+        size = info.data.get("size", 28) if info.data else 28  # `size` is validated first (declared first)
         for value in values:
-            base = value.name if isinstance(value, DatasetEntry) else parse_subset(value)[0]
-            if base.lower() not in MEDMNIST_FLAGS and not Path(base).expanduser().exists():
-                raise ValueError(
-                    f"unknown dataset '{base}'; allowed: a MedMNIST flag ({', '.join(MEDMNIST_FLAGS)}) "
-                    "or an existing image folder / CSV manifest"
-                )
+            spec = value.spec if isinstance(value, DatasetEntry) else value
+            try:
+                base = value.name if isinstance(value, DatasetEntry) else parse_subset(value)[0]
+                if base.lower() not in MEDMNIST_FLAGS and not Path(base).expanduser().exists():
+                    where = f" in '{spec}'" if spec != base else ""
+                    raise ValueError(
+                        f"unknown dataset '{base}'{where}; allowed: a MedMNIST flag ({', '.join(MEDMNIST_FLAGS)}) "
+                        "or an existing image folder / CSV manifest"
+                    )
+                # Subset syntax, size and counts larger than a split: the rest that needs no data.
+                check_spec(spec, size=size)
+            except MedpretrainError as err:
+                # As a ValueError pydantic names the key (datasets.N), like every other study error.
+                raise ValueError(f"{err.message}; {err.hint}") from None
         return values
 
     @field_validator("size")

@@ -19,8 +19,9 @@ from medpretrain.data.medmnist import (
     is_offline,
     list_datasets,
     load_medmnist,
+    split_sizes,
 )
-from medpretrain.data.subset import parse_subset, subset_spec, take_subset
+from medpretrain.data.subset import check_limits, parse_subset, subset_spec, take_subset
 from medpretrain.errors import MedpretrainError
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "DatasetInfo",
     "Task",
     "available_sizes",
+    "check_spec",
     "clear_cache",
     "data_dir",
     "list_datasets",
@@ -77,6 +79,38 @@ def _looks_like_path(spec: str) -> bool:
     return any(sep in spec for sep in ("/", "\\")) or spec.startswith((".", "~")) or Path(spec).suffix != ""
 
 
+def _unknown(text: str, whole: str) -> MedpretrainError:
+    # Inside a subset spec the whole spec is named too: the user typed that, not the bare base.
+    where = f" in '{whole}'" if whole != text else ""
+    if _looks_like_path(text):
+        return MedpretrainError(
+            f"{Path(text).expanduser()}{where} does not exist",
+            "give an existing image folder or CSV manifest, or a MedMNIST flag",
+        )
+    return MedpretrainError(
+        f"Unknown data set '{text}'{where}",
+        f"use one of the MedMNIST flags {', '.join(MEDMNIST_FLAGS)}, "
+        "or give a path to an image folder or a CSV manifest",
+    )
+
+
+def check_spec(spec: str | os.PathLike[str], *, size: int = 28) -> None:
+    """Everything about a dataset spec that can be checked without reading images, so commands fail before
+    any progress bar or work: the subset syntax, that the base is a MedMNIST flag (with a file at `size`) or
+    an existing path, and, for MedMNIST, that no subset count exceeds its split (the sizes are metadata).
+    """
+    text = os.fspath(spec)
+    base, limits = parse_subset(text)
+    key = base.strip().lower()
+    if key in MEDMNIST_FLAGS:
+        file_path(key, size)  # validates size
+        if limits:
+            check_limits(text.strip(), limits, split_sizes(key))
+        return
+    if not Path(base).expanduser().exists():
+        raise _unknown(base, text)
+
+
 def load_dataset(
     spec: str | os.PathLike[str],
     *,
@@ -97,6 +131,7 @@ def load_dataset(
     text = os.fspath(spec)
     base, limits = parse_subset(text)
     if limits:
+        check_spec(text, size=size)  # a bad base or count is named with the whole spec, before any loading
         return _subset_memo(base, tuple(limits.items()), size, image_size, split_dir, seed)
     key = text.strip().lower()
     if key in MEDMNIST_FLAGS:
@@ -113,15 +148,7 @@ def load_dataset(
         fingerprint = scan(resolved).fingerprint()
         sd = Path(split_dir).expanduser().resolve() if split_dir is not None else None
         return _load_folder_memo(resolved, image_size, sd, seed, fingerprint)
-    if _looks_like_path(text):
-        raise MedpretrainError(
-            f"{path} does not exist", "give an existing image folder or CSV manifest, or a MedMNIST flag"
-        )
-    raise MedpretrainError(
-        f"Unknown data set '{text}'",
-        f"use one of the MedMNIST flags {', '.join(MEDMNIST_FLAGS)}, "
-        "or give a path to an image folder or a CSV manifest",
-    )
+    raise _unknown(text, text)
 
 
 def load_unlabeled(

@@ -90,6 +90,12 @@ def file_path(flag: str, size: int = NATIVE_SIZE) -> Path:
     return data_dir() / file_name(check_flag(flag), check_size(flag, size))
 
 
+def split_sizes(flag: str) -> dict[str, int]:
+    """Images per split from the release metadata (the loader verifies the file against these counts)."""
+    n = INFO[check_flag(flag)]["n_samples"]
+    return {split: int(n[split]) for split in SPLITS}
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """One row of `medpretrain datasets`: what a MedMNIST flag is and whether its file is here."""

@@ -3,6 +3,12 @@
 A subset is written into the dataset spec itself, so it travels unchanged through every step that takes a
 spec (evaluation cells, pre-training requests, feature caches, the results store) and is part of every key.
 Quick studies and smoke tests use it to bound the cost; the indices depend on the labels and the spec only.
+
+A count larger than its split is refused with an error naming the split, the requested and the available
+count (`pneumoniamnist[train=99999]`: train has 4708 images), never silently capped: a capped subset would
+run, and be stored, under a spec that does not describe its data. A count equal to the split keeps it whole.
+For MedMNIST flags the check needs no data (the split sizes are in the release metadata), so it fails
+before any work; for image folders it runs once the folder's splits are known.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ def subset_spec(base: str, limits: dict[str, int | None]) -> str:
     return f"{base}[{','.join(parts)}]" if parts else base
 
 
+def check_limits(spec: str, limits: dict[str, int], available: dict[str, int]) -> None:
+    """Refuse a subset count larger than its split (see the module docstring for why it is not capped)."""
+    for split, n in limits.items():
+        have = available.get(split)
+        if have is not None and n > have:
+            base = parse_subset(spec)[0]
+            raise MedpretrainError(
+                f"subset '{spec}' asks for {split}={n} but the {split} split of {base} has only {have} images",
+                f"use {split}={have} or fewer, or leave {split} out to use the whole split",
+            )
+
+
 def _stratified(labels: np.ndarray, task: Task, n: int) -> np.ndarray:
     index = np.arange(len(labels))
     stratify = None
@@ -59,11 +77,15 @@ def _stratified(labels: np.ndarray, task: Task, n: int) -> np.ndarray:
 
 
 def take_subset(dataset: Dataset, limits: dict[str, int]) -> Dataset:
-    """A new Dataset holding at most `limits[split]` images per split, class proportions kept."""
+    """A new Dataset holding `limits[split]` images per split, class proportions kept.
+
+    A count larger than its split raises MedpretrainError; a count equal to it keeps the whole split.
+    """
+    sizes = {split: len(dataset.labels[split]) for split in SPLITS}
+    check_limits(subset_spec(dataset.name, dict(limits)), limits, sizes)
     images, labels = dict(dataset.images), dict(dataset.labels)
     for split, n in limits.items():
-        available = len(dataset.labels[split])
-        if n >= available:
+        if n == sizes[split]:
             continue
         idx = _stratified(dataset.labels[split], dataset.task, n)
         images[split] = dataset.images[split][torch.as_tensor(idx)]
@@ -81,5 +103,5 @@ def take_subset(dataset: Dataset, limits: dict[str, int]) -> Dataset:
         images=images,
         labels=labels,
         key=f"{dataset.key}-sub{stable_hash(sorted(limits.items()), length=8)}",
-        meta={**dataset.meta, "subset": dict(limits), "full_sizes": {s: len(dataset.labels[s]) for s in SPLITS}},
+        meta={**dataset.meta, "subset": dict(limits), "full_sizes": sizes},
     )
