@@ -343,13 +343,7 @@ def check_executor(name: str) -> None:
     """An unknown executor, or ray without Ray installed, fails before the run directory is written."""
     from medpretrain.executors import get_executor
 
-    get_executor(name)
-    if name == "ray":
-        try:
-            import ray  # noqa: F401  (only whether it imports; RayExecutor starts it)
-        except ImportError:
-            # Same words as RayExecutor's own check, which stays for library callers of run_study.
-            raise MedpretrainError("the ray executor needs Ray", "pip install 'medpretrain[ray]'") from None
+    get_executor(name).check_available()
 
 
 @app.command(name="report")

@@ -84,6 +84,11 @@ class Executor(ABC):
         """Release resources (a Ray connection); called even when the run was interrupted."""
         return None
 
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise MedpretrainError when this executor cannot run here (checked before any work starts)."""
+        return None
+
 
 class LocalExecutor(Executor):
     """Everything in this process, in the runner's order."""
@@ -153,11 +158,8 @@ class RayExecutor(Executor):
 
     def __init__(self, *, address: str | None = None, log: Callable[[str], None] = print) -> None:
         super().__init__(address=address, log=log)
-        try:
-            import ray
-        except ImportError:
-            raise MedpretrainError("the ray executor needs Ray", "pip install 'medpretrain[ray]'") from None
-        self.ray = ray
+        self.ray = self._import_ray()
+        ray = self.ray
         self._owns = not ray.is_initialized()
         if self._owns:
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
@@ -172,6 +174,18 @@ class RayExecutor(Executor):
                     "start one with `ray start --head`, or drop --address to start a local Ray instance",
                 ) from None
         self.gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+    @staticmethod
+    def _import_ray() -> Any:
+        try:
+            import ray
+        except ImportError:
+            raise MedpretrainError("the ray executor needs Ray", "pip install 'medpretrain[ray]'") from None
+        return ray
+
+    @classmethod
+    def check_available(cls) -> None:
+        cls._import_ray()
 
     def _options(self, trains: bool) -> dict[str, Any]:
         return {"num_cpus": self.cpus_per_task, "num_gpus": self.gpus if trains else 0, "max_retries": 0}

@@ -171,7 +171,6 @@ class _Run:
         self.arm_order = self._arm_order()
         palette = colormaps["tab10" if len(self.arm_order) <= 10 else "tab20"]
         self.colors = {arm: palette(i % palette.N) for i, arm in enumerate(self.arm_order)}
-        self.kinds = {r["arm"]: init_kind(r) for r in self.rows}
         # (dataset, protocol, budget, arm) → seed → row; a later row of the same seed replaces an earlier one.
         self.cells: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
         for r in self.rows:

@@ -172,8 +172,6 @@ class Estimate:
         return "seeds" if self.seed_var >= self.test_var else "test set"
 
 
-Comparison = Estimate  # what `paired_comparison` returns: `delta` is the mean over seeds of metric(a) − metric(b)
-
 SEED_AND_TEST = "seed+test-set t (Welch–Satterthwaite)"
 TEST_ONLY = "test-set bootstrap only (1 seed)"
 
