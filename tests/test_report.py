@@ -424,3 +424,73 @@ def test_a_store_from_before_the_validation_columns_is_migrated(run_dir: Path, t
     from medpretrain.report import init_kind
 
     assert init_kind(stored) == "scratch"  # derived from the init key where the column is empty
+
+
+def _validation_text(page: Node) -> str:
+    return " ".join(squash(p.text()) for p in section(page, "config").find_all("p", **{"class": "validation"}))
+
+
+def test_the_validation_policy_is_stated(run_dir: Path, page: Node) -> None:
+    """Rows without `n_val` or `config["validation"]` (all of this run's) validated on the whole split."""
+    assert _validation_text(page) == (
+        "Validation: full validation split at every budget (100 images) — optimistic at small budgets, where a real "
+        "project would not have that many labelled validation images."
+    )
+
+
+def _copy_rows(run_dir: Path, out: Path, n_val: dict[float, int], policy: dict[float, str]) -> None:
+    """The scratch linear cells of seed 0 with a validation policy per fraction and their `n_val` recorded
+    (added as a column where this store version has none yet)."""
+    import sqlite3
+
+    source, copy = Store(run_dir), Store(out)
+    kept = source.rows(init="scratch", seed=0, protocol="linear")
+    for r in kept:
+        copy.put(
+            {**r, "config": {**r["config"], "validation": policy[r["fraction"]]}}, source.predictions(r["cell_key"])
+        )
+    with sqlite3.connect(out / "results.db") as db:
+        if "n_val" not in {c[1] for c in db.execute("PRAGMA table_info(results)")}:
+            db.execute("ALTER TABLE results ADD COLUMN n_val INTEGER")
+        for r in kept:
+            db.execute("UPDATE results SET n_val = ? WHERE cell_key = ?", (n_val[r["fraction"]], r["cell_key"]))
+
+
+def test_a_matched_validation_policy_shows_n_val_per_budget(run_dir: Path, tmp_path: Path) -> None:
+    _copy_rows(run_dir, tmp_path / "matched", {0.25: 25, 1.0: 100}, {0.25: "matched", 1.0: "matched"})
+    page = parse(build_report(tmp_path / "matched").read_text(encoding="utf-8"))
+    assert _validation_text(page) == (
+        "Validation: matched — subsampled in the same proportion as the training budget (validation images per "
+        "budget: 25 at budget 0.25; 100 at budget 1)."
+    )
+    # A run that changed policy between budgets says which cells each sentence covers.
+    _copy_rows(run_dir, tmp_path / "mixed", {0.25: 25, 1.0: 100}, {0.25: "matched", 1.0: "full"})
+    text = _validation_text(parse(build_report(tmp_path / "mixed").read_text(encoding="utf-8")))
+    assert "Validation (cells at budget 0.25): matched — subsampled in the same proportion" in text
+    assert "(validation images per budget: 25 at budget 0.25)." in text
+    assert "Validation (cells at budget 1): full validation split (100 images) — optimistic at small budgets" in text
+
+
+def test_the_report_reads_features_and_never_extracts_them(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the cached feature arrays the embedding section says where they were looked for; nothing is
+    built or extracted (that would cost a backbone per init on a large study, and write into its cache)."""
+    import medpretrain.features
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the report extracted features")
+
+    monkeypatch.setattr(medpretrain.features.FeatureCache, "get", refuse)
+    monkeypatch.setattr(medpretrain.features, "extract", refuse)
+    source, copy = Store(run_dir), Store(tmp_path)
+    for r in source.rows(protocol="linear", seed=0):
+        copy.put(r, source.predictions(r["cell_key"]))
+    page = parse(build_report(tmp_path).read_text(encoding="utf-8"))
+    embeddings = squash(section(page, "embeddings").text())
+    assert not section(page, "embeddings").find_all("img")
+    assert "no frozen features available" in embeddings
+    for arm in INIT_LABELS:
+        assert f"Not shown: features for {arm} not found in {tmp_path / 'cache' / 'features'}" in embeddings
+    assert "re-run the study's linear or kNN cells" in embeddings
+    assert not (tmp_path / "cache").exists()  # nothing was written

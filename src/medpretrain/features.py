@@ -6,14 +6,14 @@ Features are keyed by (init, backbone, stem, dataset content, image size) and wr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
+from medpretrain.atomic import write_with
 from medpretrain.backbones import Backbone
 from medpretrain.data.base import SPLITS, Dataset
 from medpretrain.inits import InitSpec, build_model
@@ -52,9 +52,26 @@ class FeatureCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root) / "features"
 
-    def key(self, init: InitSpec, backbone: str, small_stem: bool, dataset: Dataset) -> str:
+    def key(self, init: InitSpec, backbone: str, small_stem: bool, dataset: Dataset, bn_adapt: bool = False) -> str:
+        return self.key_of(init.key, backbone, small_stem, dataset.key, bn_adapt)
+
+    @staticmethod
+    def key_of(init_key: str, backbone: str, small_stem: bool, dataset_key: str, bn_adapt: bool = False) -> str:
+        """The key from the strings a results row records (`init_key`, `dataset_key`): a reader needs no
+        InitSpec (whose checkpoint may have moved) and no loaded data set to find the arrays."""
         stem = "-smallstem" if small_stem else ""
-        return f"{init.key}-{backbone}{stem}-{dataset.key}"
+        adapted = "-bnadapt" if bn_adapt else ""
+        return f"{init_key}-{backbone}{stem}{adapted}-{dataset_key}"
+
+    def path(self, key: str, split: str) -> Path:
+        """Where the array of one split of `key` lives (whether or not it was written)."""
+        return self.root / key / f"{split}.npy"
+
+    def load(self, key: str, split: str) -> np.ndarray | None:
+        """The cached array, or None when it was never written. Read-only: unlike `get` it builds no model and
+        extracts nothing, so the report can show what a run computed without computing anything itself."""
+        path = self.path(key, split)
+        return np.load(path) if path.exists() else None
 
     def get(
         self,
@@ -63,24 +80,43 @@ class FeatureCache:
         small_stem: bool,
         dataset: Dataset,
         *,
+        bn_adapt: bool = False,
         progress: bool = True,
     ) -> dict[str, np.ndarray]:
-        folder = self.root / self.key(init, backbone, small_stem, dataset)
-        paths = {split: folder / f"{split}.npy" for split in SPLITS}
+        """Features of every split, from disk when cached, else extracted once and written atomically.
+
+        `bn_adapt` first re-estimates the network's BatchNorm statistics on the dataset's training images.
+        """
+        key = self.key(init, backbone, small_stem, dataset, bn_adapt)
+        paths = {split: self.path(key, split) for split in SPLITS}
         if all(p.exists() for p in paths.values()):
             return {split: np.load(p) for split, p in paths.items()}
         model, _ = build_model(
             backbone, init, small_stem=small_stem, seed=SCRATCH_FEATURE_SEED, img_size=dataset.image_size
         )
-        folder.mkdir(parents=True, exist_ok=True)
+        if bn_adapt:
+            adapt_batchnorm(model, dataset.images["train"])
         out = {}
         for split, path in paths.items():
             if path.exists():
                 out[split] = np.load(path)
                 continue
             out[split] = extract(model, dataset.images[split], progress=progress, desc=f"features {split}")
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npy")
-            os.close(fd)
-            np.save(tmp, out[split])
-            os.replace(tmp, path)
+            write_with(path, lambda tmp, arr=out[split]: np.save(tmp, arr), suffix=".npy")
         return out
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: Backbone, images: torch.Tensor, *, batch_size: int = 256) -> Backbone:
+    """Re-estimate every BatchNorm's running statistics on `images` (uint8, no labels needed): one pass in
+    train mode without gradients, torch's `update_bn` (as after SWA; AdaBN, Li et al. 2018, for domain shift).
+
+    A network pre-trained elsewhere (ImageNet, another domain, SparK's masked views) normalises medical images
+    with statistics of other images; re-estimating them on the domain's training images is label-free, so
+    every budget may use it, and the frozen-feature protocols apply it to every init alike (`bn_adapt`).
+    Networks without BatchNorm are left as they are.
+    """
+    device = default_device()
+    model.to(device)
+    update_bn(images.split(batch_size), model, device=device)
+    return model.eval()

@@ -1,0 +1,139 @@
+"""Where the numbers came from: the study's configuration, its validation policy, versions, hardware and time.
+
+Section 9 of the report and the header's count of planned cells. Everything is read from `study.json`,
+`run_log.jsonl` and the rows themselves; what is not recorded is shown as unknown, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medpretrain.report.run import Run, finite
+from medpretrain.report.text import fmt
+
+FULL, MATCHED = "full", "matched"
+
+
+def _policy(row: dict[str, Any]) -> str:
+    """A row's validation policy; rows written before the policy existed validated on the whole split."""
+    return str((row.get("config") or {}).get("validation") or FULL)
+
+
+def _counts(values: set[int]) -> str:
+    return " or ".join(str(v) for v in sorted(values))
+
+
+def validation(run: Run) -> list[dict[str, Any]]:
+    """Per data set, one sentence per validation policy its rows used (normally one): how many validation images
+    chose the hyper-parameters, the epoch and the best initialisation. A full split at a small label budget is
+    more validation data than such a project would have, which flatters every arm's selection."""
+    out = []
+    for dataset in run.datasets:
+        rows = [r for r in run.rows if r["dataset"] == dataset]
+        by_policy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            by_policy[_policy(r)].append(r)
+        budgets = run.budgets(dataset)
+        mixed = len(by_policy) > 1
+        sentences = []
+        for policy, members in by_policy.items():
+            scope = ""
+            if mixed:  # say which budgets each policy covers, or the two sentences would contradict each other
+                covered = [b for b in budgets if any(m["budget"] == b for m in members)]
+                scope = f" (cells at budget{'s' if len(covered) != 1 else ''} {', '.join(covered)})"
+            if policy == FULL:
+                # Rows from before `n_val` was recorded used the whole split: its size is the count.
+                counts = {int(m["n_val"]) for m in members if m.get("n_val") is not None}
+                if any(m.get("n_val") is None for m in members):
+                    counts.add(run.val_split_size(dataset))
+                sentences.append(
+                    f"Validation{scope}: full validation split{'' if mixed else ' at every budget'} "
+                    f"({_counts(counts)} images) — "
+                    "optimistic at small budgets, where a real project would not have that many labelled "
+                    "validation images."
+                )
+            elif policy == MATCHED:
+                per_budget = []
+                for b in budgets:
+                    counts = {int(m["n_val"]) for m in members if m["budget"] == b and m.get("n_val") is not None}
+                    if any(m["budget"] == b for m in members):
+                        per_budget.append(f"{_counts(counts) if counts else 'not recorded'} at budget {b}")
+                sentences.append(
+                    f"Validation{scope}: matched — subsampled in the same proportion as the training budget "
+                    f"(validation images per budget: {'; '.join(per_budget)})."
+                )
+            else:
+                sentences.append(f"Validation{scope}: {policy} (a policy this version of the report does not know).")
+        out.append({"dataset": dataset, "sentences": sentences})
+    return out
+
+
+def config(run: Run) -> dict[str, Any]:
+    """Section 9: study.json as YAML, the validation policy, library versions, hardware and the time of each
+    `medpretrain run` invocation."""
+    study = run.study
+    study_text = (
+        yaml.safe_dump(study, sort_keys=False, allow_unicode=True, default_flow_style=False)
+        if isinstance(study, dict)
+        else None
+    )
+    last = run.run_log[-1] if run.run_log else {}
+    if last.get("versions"):
+        versions, versions_source = last["versions"], "recorded by the last `medpretrain run`"
+    elif run.rows[-1].get("versions"):
+        versions, versions_source = run.rows[-1]["versions"], "recorded with the last finished cell"
+    else:
+        versions, versions_source = {}, "unknown"
+    hardware = [e["hardware"] for e in run.run_log if e.get("hardware")]
+    distinct_hw = [json.loads(h) for h in dict.fromkeys(json.dumps(h, sort_keys=True) for h in hardware)]
+    seconds = [e.get("seconds") for e in run.run_log]
+    invocations = [
+        {
+            "started": e.get("started", "?"),
+            "finished": e.get("finished", "—"),
+            "seconds": fmt(e.get("seconds"), 0),
+            "executor": e.get("executor", "?"),
+            "completed": {True: "yes", False: "no (stopped)"}.get(e.get("completed"), "?"),
+            "cells_run": e.get("cells_run", "?"),
+            "cells_reused": e.get("cells_reused", "?"),
+            "pretrainings": ", ".join(
+                f"{p.get('label', '?')} ({fmt(p.get('seconds'), 0)} s)" for p in e.get("pretrainings") or []
+            ),
+        }
+        for e in run.run_log
+    ]
+    return {
+        "study": study_text,
+        "validation": validation(run),
+        "versions": versions,
+        "versions_source": versions_source,
+        "hardware": [yaml.safe_dump(h, sort_keys=False, default_flow_style=False) for h in distinct_hw],
+        "total_seconds": float(np.sum(finite(seconds))) if run.run_log else None,
+        "cell_seconds": float(np.sum(finite(r.get("seconds") for r in run.rows))),
+        "invocations": invocations,
+    }
+
+
+def planned_cells(study: Any) -> int | None:
+    """datasets × inits × protocols × budgets × seeds of study.json (the runner's own count); None when the
+    file is missing or shaped otherwise. `seeds` is a count; budgets are fraction and shot lists."""
+    if not isinstance(study, dict):
+        return None
+    budgets, seeds = study.get("budgets"), study.get("seeds")
+    if isinstance(budgets, dict):
+        n_budgets = len(budgets.get("fractions") or []) + len(budgets.get("shots") or [])
+    elif isinstance(budgets, list):
+        n_budgets = len(budgets)
+    else:
+        return None
+    n_seeds = len(seeds) if isinstance(seeds, list) else seeds
+    lists = [study.get(k) for k in ("datasets", "inits", "protocols")]
+    if not isinstance(n_seeds, int) or not all(isinstance(v, list) for v in lists):
+        return None
+    return math.prod(len(v) for v in lists) * n_budgets * n_seeds  # type: ignore[arg-type]
