@@ -494,3 +494,20 @@ def test_the_report_reads_features_and_never_extracts_them(
         assert f"Not shown: features for {arm} not found in {tmp_path / 'cache' / 'features'}" in embeddings
     assert "re-run the study's linear or kNN cells" in embeddings
     assert not (tmp_path / "cache").exists()  # nothing was written
+
+
+def test_embeddings_fall_back_to_the_bn_adapted_features_a_probe_used(run_dir: Path, tmp_path: Path) -> None:
+    """Linear/kNN cells with `bn_adapt` cache their features under another key; the report finds those."""
+    from medpretrain.features import FeatureCache
+
+    source, copy = Store(run_dir), Store(tmp_path)
+    for r in source.rows(protocol="linear", seed=0):
+        params = {**r["config"]["params"], "bn_adapt": True}
+        copy.put({**r, "config": {**r["config"], "params": params}}, source.predictions(r["cell_key"]))
+        args = (r["init_key"], r["backbone"], bool(r["small_stem"]), r["dataset_key"])
+        adapted = tmp_path / "cache" / "features" / FeatureCache.key_of(*args, bn_adapt=True)
+        if not adapted.exists():
+            shutil.copytree(run_dir / "cache" / "features" / FeatureCache.key_of(*args), adapted)
+    page = parse(build_report(tmp_path).read_text(encoding="utf-8"))
+    assert len(section(page, "embeddings").find_all("img")) == 1
+    assert "Not shown" not in section(page, "embeddings").text()

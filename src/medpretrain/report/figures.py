@@ -287,11 +287,11 @@ def embeddings(run: Run) -> list[dict[str, Any]]:
     written (a study without linear or kNN cells, a cleared cache) are named as missing, not extracted."""
     out = []
     for dataset in run.datasets:
-        arms: dict[str, dict[str, Any]] = {}
+        arms: dict[str, list[dict[str, Any]]] = {}
         for r in run.rows:
             if r["dataset"] == dataset:
-                arms.setdefault(r["arm"], r)
-        y, task, classes = run.labels(next(iter(arms.values())))
+                arms.setdefault(r["arm"], []).append(r)
+        y, task, classes = run.labels(next(iter(arms.values()))[0])
         n = len(y)
         subset = np.sort(np.random.default_rng(0).permutation(n)[:UMAP_MAX_POINTS]) if n > UMAP_MAX_POINTS else None
         points = np.arange(n) if subset is None else subset
@@ -304,7 +304,7 @@ def embeddings(run: Run) -> list[dict[str, Any]]:
         for arm in run.arm_order:
             if arm not in arms:
                 continue
-            feats, path = run.features(arms[arm])
+            feats, path, adapted = run.features(arms[arm])
             if feats is None:
                 missing.append(
                     f"features for {arm} not found in {path.parent}; re-run the study's linear or kNN cells of "
@@ -313,7 +313,7 @@ def embeddings(run: Run) -> list[dict[str, Any]]:
             elif len(feats) != n:
                 missing.append(f"features for {arm} in {path.parent} do not match the test split ({len(feats)} ≠ {n})")
             else:
-                found.append((arm, feats))
+                found.append((f"{arm} (BN-adapted)" if adapted else arm, feats))
         if not found:
             out.append({"dataset": dataset, "note": "no frozen features available", "missing": missing})
             continue

@@ -256,11 +256,24 @@ class Run:
             self._proba[key] = proba
         return self._proba[key]
 
-    def features(self, row: dict[str, Any], split: str = "test") -> tuple[np.ndarray | None, Path]:
-        """The cached frozen features of the row's init (None when they were never written) and their path.
-        The key comes from the row's recorded `init_key` and `dataset_key`, so no checkpoint is re-hashed."""
-        key = FeatureCache.key_of(row["init_key"], row["backbone"], bool(row["small_stem"]), row["dataset_key"])
-        return self.feature_cache.load(key, split), self.feature_cache.path(key, split)
+    def features(self, rows: list[dict[str, Any]], split: str = "test") -> tuple[np.ndarray | None, Path, bool]:
+        """The cached frozen features of one arm (`rows`: its rows in one data set): (array or None when never
+        written, where it was looked for, whether BatchNorm was re-estimated first). The un-adapted backbone's
+        features come first; the BN-adapted ones (`bn_adapt` in a linear or kNN cell's params) when only those
+        exist. The key comes from the row's recorded `init_key` and `dataset_key`: no checkpoint is re-hashed."""
+        row = rows[0]
+        adapted = any(((r.get("config") or {}).get("params") or {}).get("bn_adapt") for r in rows)
+        first: Path | None = None
+        for bn_adapt in (False, True) if adapted else (False,):
+            key = FeatureCache.key_of(
+                row["init_key"], row["backbone"], bool(row["small_stem"]), row["dataset_key"], bn_adapt=bn_adapt
+            )
+            feats, path = self.feature_cache.load(key, split), self.feature_cache.path(key, split)
+            first = first or path
+            if feats is not None:
+                return feats, path, bn_adapt
+        assert first is not None
+        return None, first, False
 
     def kept_models(self) -> dict[str, list[tuple[dict[str, Any], Path]]]:
         """Kept fine-tuned networks per data set, one per arm (most labels, then lowest seed), in arm order."""
