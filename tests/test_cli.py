@@ -102,7 +102,8 @@ def test_finetune_cell_stores_history_and_gap(tmp_path):
     out = tmp_path / "run"
     result = invoke(
         "evaluate", "--dataset", "pneumoniamnist", "--init", "scratch", "--protocol", "finetune",
-        "--shots", "40", "--epochs", "2", "--out", out, "--json", out / "rows.json", "--no-progress",
+        "--shots", "40", "--epochs", "2", "--min-steps", "0", "--lr", "1e-3",
+        "--out", out, "--json", out / "rows.json", "--no-progress",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (row,) = json.loads((out / "rows.json").read_text())

@@ -15,7 +15,7 @@ from medpretrain.data import load_dataset
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.metrics import auc
-from medpretrain.train import FinetuneConfig, finetune, predict_logits, warmup_cosine
+from medpretrain.train import FinetuneConfig, StepPlan, finetune, multistep, predict_logits, warmup_cosine
 
 STRONG = contrastive_recipe(blur_p=0.5, solarize_p=0.5).with_(rotation=30.0, gamma=0.3)
 
@@ -100,7 +100,7 @@ def test_finetune_pneumoniamnist_subset() -> None:
     torch.manual_seed(0)
     backbone = create_backbone("resnet18")
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    cfg = FinetuneConfig(epochs=2, batch_size=32, warmup_epochs=0.5)
+    cfg = FinetuneConfig(epochs=2, batch_size=32, warmup_epochs=0.5, min_steps=0, lr=1e-3)
     result = finetune(backbone, ds, idx, cfg, seed=0, progress=False)
 
     assert [h["epoch"] for h in result.history] == [1, 2]
@@ -154,7 +154,9 @@ def _synthetic_multilabel(n: dict[str, int], seed: int = 0) -> Dataset:
 def test_finetune_multilabel_synthetic() -> None:
     ds = _synthetic_multilabel({"train": 64, "val": 32, "test": 24})
     torch.manual_seed(0)
-    cfg = FinetuneConfig(epochs=2, batch_size=16, class_weighted=True, label_smoothing=0.1, warmup_epochs=0)
+    cfg = FinetuneConfig(
+        epochs=2, batch_size=16, class_weighted=True, label_smoothing=0.1, warmup_epochs=0, min_steps=0, lr=1e-3
+    )
     result = finetune(create_backbone("resnet18"), ds, np.arange(64), cfg, seed=1, progress=False)
     assert result.test_proba.shape == (24, 3)
     assert ((result.test_proba >= 0) & (result.test_proba <= 1)).all()
@@ -171,3 +173,36 @@ def test_finetune_rejects_bad_inputs() -> None:
         finetune(backbone, ds, np.array([0, 99]), FinetuneConfig(), seed=0, progress=False)
     with pytest.raises(ValueError):  # pydantic's ValidationError: unknown keys are an error, not ignored
         FinetuneConfig(epoch=3)
+
+
+def test_step_plan_trains_small_budgets_long_enough() -> None:
+    """Length is max(min_steps, epochs × batches): 119 labels get 500 steps, not 10 (one per epoch)."""
+    small = StepPlan.of(119, FinetuneConfig())
+    assert small.batch_size == 119 and small.steps_per_epoch == 1
+    assert small.total_steps == 500
+    assert 20 <= small.total_steps / small.eval_every <= 21  # about `evals` validations, not 500
+    large = StepPlan.of(11959, FinetuneConfig())
+    assert large.steps_per_epoch == 94 and large.total_steps == 940 and large.eval_every == 94
+    assert StepPlan.of(129, FinetuneConfig()).drop_last  # a trailing batch of one would break batch norm
+    assert FinetuneConfig(lr=0.01).lr == (0.01,)
+    with pytest.raises(ValueError):
+        FinetuneConfig(lr=[])
+
+
+def test_multistep_schedule() -> None:
+    f = multistep(100, (0.5, 0.75), 0.1)
+    assert [f(0), f(49), f(50), f(74), f(75), f(99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_finetune_steps_early_stopping_and_lr_grid() -> None:
+    """On a task learnt in a few steps, patience stops training early; every lr of the grid is tried and the
+    kept one has the best validation AUC; the steps taken are reported."""
+    ds = _synthetic_multilabel({"train": 48, "val": 32, "test": 24}, seed=3)
+    cfg = FinetuneConfig(min_steps=60, batch_size=16, evals=30, patience=3, lr=[1e-2, 1e-6], warmup_epochs=0)
+    result = finetune(create_backbone("resnet18"), ds, np.arange(48), cfg, seed=0, progress=False)
+    assert [s["lr"] for s in result.search] == [1e-2, 1e-6]
+    best = max(result.search, key=lambda s: s["val_auc"])
+    assert result.lr == best["lr"] == 1e-2  # 1e-6 cannot learn the squares in 60 steps
+    assert result.steps == result.search[0]["steps"] < 60 and result.stopped_early
+    assert [h["step"] for h in result.history] == list(range(3, result.steps + 1, 3))
+    assert result.best_step == result.history[-1 - cfg.patience]["step"]

@@ -32,7 +32,7 @@ TINY = {
     "protocols": ["linear", "finetune"],
     "budgets": {"fractions": [0.5, 1.0]},
     "seeds": 2,
-    "finetune": {"epochs": 1},
+    "finetune": {"epochs": 1, "min_steps": 0, "lr": 1e-3},
 }
 N_CELLS = 16
 

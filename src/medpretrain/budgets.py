@@ -117,3 +117,34 @@ def _select_multilabel(labels: np.ndarray, budget: Budget, seed: int) -> np.ndar
             f"the smallest valid fraction for seed {seed} is {_round_up(n_min / len(labels)):g}",
         )
     return np.sort(chosen)
+
+
+VALIDATION_POLICIES = ("full", "matched")
+
+
+def select_validation(labels: np.ndarray, task: Task, proportion: float, seed: int) -> np.ndarray:
+    """Indices into the validation split for the `matched` policy: `proportion` of it, stratified, with at
+    least one image per class (per label with a positive, for multi-label), sorted.
+
+    A real project with 1% of its images labelled has about 1% labelled for validation too; choosing
+    hyper-parameters on the whole validation split at such budgets is optimistic. The draw depends on `seed`
+    (offset from the training draw's stream), so its variance is part of the seed-to-seed variance.
+    """
+    labels = np.asarray(labels)
+    if not 0 < proportion <= 1:
+        raise MedpretrainError(f"validation proportion {proportion} is outside (0, 1]", "use a budget in (0, 1]")
+    if proportion >= 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the training draw uses `seed` alone
+    if Task(task) is Task.MULTILABEL:
+        # Stratify by each image's rarest positive label (images without any positive form one stratum).
+        freq = labels.sum(axis=0)
+        rarest = np.where(labels.any(axis=1), np.argmin(np.where(labels > 0, freq, np.inf), axis=1), -1)
+        strata = rarest
+    else:
+        strata = labels.reshape(-1)
+    picks = []
+    for value in np.unique(strata):
+        members = rng.permutation(np.flatnonzero(strata == value))
+        picks.append(members[: max(1, int(np.floor(proportion * len(members) + 0.5)))])
+    return np.sort(np.concatenate(picks))

@@ -115,10 +115,28 @@ def evaluate(
             "Default: a checkpoint's own, else standard.",
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Fine-tuning epochs (default 10).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Fine-tuning learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Fine-tuning: at least this many epochs (default 10).")] = None,
+    min_steps: Annotated[
+        int | None, typer.Option(help="Fine-tuning: at least this many optimiser steps (default 500).")
+    ] = None,
+    lr: Annotated[
+        list[float],
+        typer.Option(help="Fine-tuning learning rate; repeat for a grid chosen on validation (default 1e-3, 1e-4)."),
+    ] = [],  # noqa: B006
+    batch_size: Annotated[int | None, typer.Option(help="Fine-tuning batch size (capped at the labels).")] = None,
     class_weighted: Annotated[bool, typer.Option(help="Class-weighted fine-tuning loss.")] = False,
+    bn_adapt: Annotated[
+        bool,
+        typer.Option(help="Linear/kNN: re-estimate BatchNorm statistics on the training images, for every init."),
+    ] = False,
+    validation: Annotated[
+        str,
+        typer.Option(help="full: the whole validation split; matched: the budget's proportion of it (stratified)."),
+    ] = "full",
+    hflip: Annotated[
+        float | None,
+        typer.Option(help="Flip probability of training views. Default: 0.5, or 0 when class names mark left/right."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Run directory: results.db, predictions, feature cache, splits.")] = Path(
         "runs/latest"
     ),
@@ -149,12 +167,16 @@ def evaluate(
         k: v
         for k, v in {
             "epochs": epochs,
-            "lr": lr,
+            "min_steps": min_steps,
+            "lr": list(lr) or None,
             "batch_size": batch_size,
             "class_weighted": class_weighted or None,
         }.items()
         if v is not None
     }
+    frozen_params = {"bn_adapt": True} if bn_adapt else {}
+    for name in protocol:
+        get_protocol(name).validate_params(finetune_params if name == "finetune" else frozen_params)
     # Results and feature caches are keyed by the init's key, so two inits with one key would silently share
     # (and double) rows: a copy of a checkpoint, or a file edited after pre-training that kept its request.
     seen: dict[str, str] = {}
@@ -184,7 +206,9 @@ def evaluate(
                 protocol=proto,
                 budget=budget,
                 seed=seed,
-                params=finetune_params if proto == "finetune" else {},
+                params=finetune_params if proto == "finetune" else frozen_params,
+                validation=validation,
+                hflip=hflip,
             )
         )
     store = Store(out)

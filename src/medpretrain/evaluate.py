@@ -1,23 +1,27 @@
 """One cell of the comparison, end to end: dataset → budget → initialization → protocol → metrics → store.
 
-A cell is (dataset, size, image size, backbone, stem, init, protocol, budget, seed, protocol parameters);
-its key is a content hash of that tuple (checkpoints by their bytes), and the store's primary key.
+A cell is (dataset, size, image size, backbone, stem, init, protocol and its version, budget, seed, protocol
+parameters, validation policy, flip override); its key is a content hash of that tuple (checkpoints by their
+bytes), and the store's primary key.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
-from medpretrain.budgets import Budget, select
+from medpretrain.budgets import VALIDATION_POLICIES, Budget, select, select_validation
 from medpretrain.data import Dataset, load_dataset
+from medpretrain.errors import MedpretrainError
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
 from medpretrain.inits import InitSpec, checkpoint_meta, parse_init
 from medpretrain.metrics import accuracy, auc, score
@@ -54,10 +58,20 @@ class Cell:
     budget: Budget
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    validation: str = "full"  # full | matched: the validation split whole, or in the budget's proportion
+    hflip: float | None = None  # flip probability of training views; None = the dataset's (0 with laterality)
     init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
     # "pretrained" when this study pre-trained the checkpoint itself (what it cost is the report's concern);
     # otherwise the init's own kind. Not part of the key: the same weights are the same init.
     pretrained_here: bool = False
+
+    def __post_init__(self) -> None:
+        if self.validation not in VALIDATION_POLICIES:
+            raise MedpretrainError(
+                f"unknown validation policy '{self.validation}'", f"choose one of: {', '.join(VALIDATION_POLICIES)}"
+            )
+        if self.hflip is not None and not 0 <= self.hflip <= 1:
+            raise MedpretrainError(f"hflip {self.hflip} is not a probability", "use a value in [0, 1], e.g. 0")
 
     @cached_property
     def init_spec(self) -> InitSpec:
@@ -77,6 +91,9 @@ class Cell:
         config.pop("init_label")
         config.pop("pretrained_here")
         config["init_key"] = self.init_spec.key
+        # A protocol whose procedure changed (e.g. fine-tuning in steps, not epochs) gets new keys, so rows
+        # made by the old procedure are never reused as if they were the new one's.
+        config["protocol_version"] = get_protocol(self.protocol).version
         if self.init_spec.kind == "scratch" and get_protocol(self.protocol).uses_features:
             config["feature_seed"] = SCRATCH_FEATURE_SEED
         return config
@@ -95,10 +112,39 @@ def cell_dataset(cell: Cell, out_dir: Path) -> Dataset:
     return load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
 
 
+def validation_subset(dataset: Dataset, policy: str, train_fraction: float, seed: int) -> np.ndarray | None:
+    """Which validation images a cell may use: None for all (`full`), else the `matched` subsample — the
+    proportion of labelled training images, stratified, at least one image per class."""
+    if policy == "full" or train_fraction >= 1:
+        return None
+    return select_validation(dataset.labels["val"], dataset.task, train_fraction, seed)
+
+
+def restrict_validation(dataset: Dataset, idx: np.ndarray | None) -> Dataset:
+    """The dataset with only `idx` of its validation split (train and test shared, not copied)."""
+    if idx is None:
+        return dataset
+    return replace(
+        dataset,
+        images={**dataset.images, "val": dataset.images["val"][torch.as_tensor(idx)]},
+        labels={**dataset.labels, "val": dataset.labels["val"][idx]},
+    )
+
+
+def restrict_features(features: dict[str, np.ndarray], idx: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Frozen features of every split (cached for the whole split) with the validation rows of `idx` only."""
+    return features if idx is None else {**features, "val": features["val"][idx]}
+
+
 def cell_features(cell: Cell, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
     """The frozen features of the cell's init on its dataset, from (or into) the run's feature cache."""
     return FeatureCache(cache_root(out_dir)).get(
-        cell.init_spec, cell.backbone, cell.small_stem, cell_dataset(cell, out_dir), progress=progress
+        cell.init_spec,
+        cell.backbone,
+        cell.small_stem,
+        cell_dataset(cell, out_dir),
+        bn_adapt=bool(cell.params.get("bn_adapt", False)),
+        progress=progress,
     )
 
 
@@ -109,8 +155,11 @@ def run_cell(
     that train a network, the network itself at `keep_model` when given."""
     started = time.perf_counter()
     protocol = get_protocol(cell.protocol)
-    dataset = cell_dataset(cell, out_dir)
-    train_idx = select(dataset.labels["train"], dataset.task, cell.budget, cell.seed, dataset.classes)
+    full = cell_dataset(cell, out_dir)
+    train_idx = select(full.labels["train"], full.task, cell.budget, cell.seed, full.classes)
+    val_idx = validation_subset(full, cell.validation, len(train_idx) / len(full.labels["train"]), cell.seed)
+    dataset = restrict_validation(full, val_idx)
+    hflip = cell.hflip if cell.hflip is not None else dataset.default_hflip
     ctx = EvalContext(
         dataset=dataset,
         train_idx=train_idx,
@@ -119,9 +168,11 @@ def run_cell(
         small_stem=cell.small_stem,
         seed=cell.seed,
         params=cell.params,
-        features=lambda: cell_features(cell, out_dir, progress=progress),
+        features=lambda: restrict_features(cell_features(cell, out_dir, progress=progress), val_idx),
         progress=progress,
         keep_model=keep_model,
+        hflip=hflip,
+        pretrained=cell.init_spec.kind != "scratch",
     )
     prediction = protocol.run(ctx)
     y_test, y_val = dataset.labels["test"], dataset.labels["val"]
@@ -141,6 +192,9 @@ def run_cell(
         "imbalance": cell.budget.imbalance,
         "seed": cell.seed,
         "n_labeled": len(train_idx),
+        "n_val": len(y_val),
+        "steps": prediction.steps,
+        "augmentation": {"hflip": hflip, **prediction.augmentation},
         **metrics,
         **intervals,
         "val_auc": auc(y_val, prediction.val_proba, dataset.task),

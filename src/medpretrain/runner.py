@@ -38,6 +38,7 @@ class PretrainJob:
     dataset: str
     label: str
     request: PretrainRequest
+    replicate: int = 0  # which of the study's `pretrain_seeds` pre-trainings of this init
 
     @property
     def description(self) -> str:
@@ -61,10 +62,13 @@ def budgets_of(study: Study) -> list[Budget]:
 
 
 def pretrain_jobs(study: Study) -> list[PretrainJob]:
+    """One job per (dataset, pre-training init, pre-training seed); seed k is the init's seed + k."""
     jobs = []
     for dataset in study.dataset_specs:
         for init in study.inits:
-            if isinstance(init, Pretraining):
+            if not isinstance(init, Pretraining):
+                continue
+            for k in range(study.pretrain_seeds):
                 request = PretrainRequest(
                     dataset=init.unlabeled_from or dataset,
                     method=init.method,
@@ -74,29 +78,30 @@ def pretrain_jobs(study: Study) -> list[PretrainJob]:
                     size=study.size,
                     image_size=study.resolved_image_size,
                     small_stem=study.small_stem,
-                    seed=init.seed,
+                    seed=init.seed + k,
                     hparams=dict(init.hparams),
                 )
-                jobs.append(PretrainJob(dataset=dataset, label=init.display, request=request))
+                jobs.append(PretrainJob(dataset=dataset, label=init.display, request=request, replicate=k))
     return jobs
 
 
 def plan_cells(study: Study, checkpoints: dict[tuple[str, str], Path]) -> list[Cell]:
     """Every cell, ordered dataset → init → protocol (feature-based first) → budget → seed.
 
-    `checkpoints` maps (dataset, init label) of each pre-training to its finished file.
+    `checkpoints` maps (dataset, init label, replicate) of each pre-training to its finished file; evaluation
+    seed s uses replicate s mod `pretrain_seeds`, so with several pre-trainings their variance is part of the
+    seed-to-seed variance that the statistics count.
     """
     protocols = sorted(study.protocols, key=lambda p: not get_protocol(p).uses_features)
     cells = []
     for dataset in study.dataset_specs:
         for init in study.inits:
-            if isinstance(init, Pretraining):
-                text, label = str(checkpoints[dataset, init.display]), init.display
-            else:
-                text, label = init, None
+            label = init.display if isinstance(init, Pretraining) else None
             for protocol in protocols:
                 for budget in budgets_of(study):
                     for seed in range(study.seeds):
+                        replicate = seed % study.pretrain_seeds
+                        text = str(checkpoints[dataset, label, replicate]) if label is not None else str(init)
                         cells.append(
                             Cell(
                                 dataset=dataset,
@@ -109,6 +114,8 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str], Path]) -> list[C
                                 budget=budget,
                                 seed=seed,
                                 params=study.params_for(protocol),
+                                validation=study.validation,
+                                hflip=study.hflip,
                                 init_label=label,
                                 pretrained_here=isinstance(init, Pretraining),
                             )
@@ -166,7 +173,7 @@ def run_study(
         checkpoints: dict[tuple[str, str], Path] = {}
 
         def pretrained(job: PretrainJob, path: Path, seconds: float) -> None:
-            checkpoints[job.dataset, job.label] = path
+            checkpoints[job.dataset, job.label, job.replicate] = path
             result.pretrainings.append({"label": job.label, "path": str(path), "seconds": round(seconds, 1)})
             bar.update()
 

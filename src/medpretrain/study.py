@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -126,6 +126,9 @@ class Study(BaseModel):
     protocols: list[str] = Field(default_factory=lambda: ["linear"], min_length=1)
     budgets: Budgets
     seeds: int = Field(3, ge=1)
+    pretrain_seeds: int = Field(1, ge=1, description="pre-train each method N times; eval seed s uses s mod N")
+    validation: Literal["full", "matched"] = "full"
+    hflip: float | None = Field(None, ge=0, le=1, description="flip probability; default: the dataset's")
     finetune: dict[str, Any] = Field(default_factory=dict)
     linear: dict[str, Any] = Field(default_factory=dict)
     knn: dict[str, Any] = Field(default_factory=dict)

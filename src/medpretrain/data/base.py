@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -9,6 +10,12 @@ import numpy as np
 import torch
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# A class name marks laterality when "left" or "right" is a word of it (femur-left, "Lung right", L_kidney is
+# not caught: say `hflip: 0` in the study for such names). A flipped image of such a class shows the other one.
+_LATERAL = re.compile(r"(^|[^a-z])(left|right)([^a-z]|$)", re.IGNORECASE)
+# The flip probability of datasets without laterality: the usual 0.5 of supervised and self-supervised views.
+DEFAULT_HFLIP = 0.5
 
 
 class Task(str, Enum):
@@ -57,6 +64,16 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def lateral_classes(self) -> list[str]:
+        """Classes whose names mark a side of the body: a horizontal flip would turn them into another class."""
+        return [c for c in self.classes if _LATERAL.search(c)]
+
+    @property
+    def default_hflip(self) -> float:
+        """Horizontal-flip probability for training views: 0 where class names mark laterality, else 0.5."""
+        return 0.0 if self.lateral_classes else DEFAULT_HFLIP
 
     def class_counts(self, split: str = "train") -> np.ndarray:
         y = self.labels[split]

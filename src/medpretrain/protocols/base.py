@@ -29,6 +29,8 @@ class EvalContext:
     features: Callable[[], dict[str, np.ndarray]]  # frozen features per split, cached on disk, computed lazily
     progress: bool = True
     keep_model: Path | None = None  # protocols that train a network save it here (for Grad-CAM)
+    hflip: float = 0.5  # flip probability for training views (0 for datasets whose classes mark laterality)
+    pretrained: bool = False  # the init carries weights (anything but scratch)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Prediction:
     chosen: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: int | None = None  # optimiser steps actually taken (protocols that train a network)
+    augmentation: dict[str, Any] = field(default_factory=dict)  # the training views used, beyond `hflip`
 
 
 class Protocol(ABC):
@@ -50,6 +54,7 @@ class Protocol(ABC):
     description: ClassVar[str]
     uses_features: ClassVar[bool]  # True: works on cached frozen features; False: trains the network
     defaults: ClassVar[dict[str, Any]] = {}
+    version: ClassVar[int] = 1  # raised when the procedure changes, so old rows are not reused as new ones
 
     def validate_params(self, params: dict[str, Any]) -> None:
         """Raise MedpretrainError naming an unknown or invalid parameter (study files are checked up front)."""

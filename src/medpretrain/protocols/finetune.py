@@ -1,4 +1,4 @@
-"""Full fine-tuning of backbone + linear head; the epoch is chosen on validation AUC."""
+"""Full fine-tuning of backbone + linear head, in optimiser steps; lr and step chosen on validation AUC."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ def finetune_config(params: dict) -> FinetuneConfig:
 @register_protocol
 class FineTune(Protocol):
     name = "finetune"
-    description = "full fine-tuning (AdamW, warm-up + cosine); epoch selected on validation AUC"
+    description = "full fine-tuning (AdamW, warm-up + cosine, ≥ min_steps); lr and step chosen on validation AUC"
     uses_features = False
+    version = 2  # 2: length in optimiser steps, lr grid, early stopping (1: a fixed number of epochs)
 
     def validate_params(self, params: dict) -> None:
         finetune_config(params)
@@ -34,7 +35,16 @@ class FineTune(Protocol):
         model, report = build_model(
             ctx.backbone, ctx.init, small_stem=ctx.small_stem, seed=ctx.seed, img_size=ctx.dataset.image_size
         )
-        result = finetune(model, ctx.dataset, ctx.train_idx, cfg, seed=ctx.seed, progress=ctx.progress)
+        result = finetune(
+            model,
+            ctx.dataset,
+            ctx.train_idx,
+            cfg,
+            seed=ctx.seed,
+            pretrained=ctx.pretrained,
+            hflip=ctx.hflip,
+            progress=ctx.progress,
+        )
         if ctx.keep_model is not None:
             save_classifier(
                 ctx.keep_model,
@@ -46,7 +56,15 @@ class FineTune(Protocol):
         return Prediction(
             test_proba=result.test_proba,
             val_proba=result.val_proba,
-            chosen={"epoch": result.best_epoch},
+            chosen={"lr": result.lr, "step": result.best_step, "epoch": result.best_epoch},
             history=result.history,
-            extra={"overfitting": result.overfitting, "weights": report.summary()},
+            extra={
+                "overfitting": result.overfitting,
+                "weights": report.summary(),
+                "search": result.search,
+                "plan": {k: result.config[k] for k in ("batch_size_used", "planned_steps", "eval_every")},
+                "stopped_early": result.stopped_early,
+            },
+            steps=result.steps,
+            augmentation=cfg.augmentation(ctx.hflip),
         )

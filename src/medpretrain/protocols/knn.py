@@ -19,7 +19,8 @@ from medpretrain.protocols.base import (
 )
 from medpretrain.protocols.linear import full_proba
 
-DEFAULTS: dict[str, Any] = {"k": [1, 3, 5, 10, 20, 50, 100], "weights": "distance"}
+# `k` may be one value (MedMNIST+ uses k = 11) or a list chosen on validation; bn_adapt as for the linear probe.
+DEFAULTS: dict[str, Any] = {"k": [1, 3, 5, 10, 20, 50, 100], "weights": "distance", "bn_adapt": False}
 
 
 def _knn_proba(model: KNeighborsClassifier, x: np.ndarray, n_classes: int, task: Task) -> np.ndarray:
@@ -43,7 +44,8 @@ class KNNProbe(Protocol):
         features = ctx.features()
         x_train = features["train"][ctx.train_idx]
         y_train = ctx.dataset.labels["train"][ctx.train_idx]
-        candidates = sorted({min(int(k), len(x_train)) for k in params["k"]})
+        ks = params["k"] if isinstance(params["k"], list | tuple) else [params["k"]]
+        candidates = sorted({min(int(k), len(x_train)) for k in ks})
 
         def fit_and_score(k: int) -> tuple[float, Any]:
             model = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=params["weights"])

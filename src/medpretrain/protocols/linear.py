@@ -23,7 +23,9 @@ from medpretrain.protocols.base import (
     register_protocol,
 )
 
-DEFAULTS: dict[str, Any] = {"C": [0.001, 0.01, 0.1, 1.0, 10.0], "max_iter": 1000}
+# bn_adapt: BatchNorm statistics re-estimated on the training images before extraction, for every init alike
+# (features.adapt_batchnorm); the features are cached under their own key.
+DEFAULTS: dict[str, Any] = {"C": [0.001, 0.01, 0.1, 1.0, 10.0], "max_iter": 1000, "bn_adapt": False}
 
 
 def full_proba(model: Any, x: np.ndarray, n_classes: int, task: Task) -> np.ndarray:

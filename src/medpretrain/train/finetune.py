@@ -1,0 +1,256 @@
+"""Supervised fine-tuning of backbone + linear head, measured in optimiser steps.
+
+Training length is a number of optimiser steps, not epochs: `max(min_steps, epochs × batches per epoch)`.
+A fixed epoch count makes the step count grow with the budget (10 epochs at 1% of bloodmnist were 10 steps,
+and fine-tuning from scratch scored below a linear probe on the same random network), so small budgets were
+under-trained and every comparison at small budgets was biased towards inits that need little training.
+
+Validation is scored at about `evals` evenly spaced points (whole epochs); the weights with the best
+validation AUC are kept, training stops after `patience` evaluations without improvement, and only then is
+the test split predicted. Every learning rate of the grid `lr` is tried with the same schedule and the one
+with the best validation AUC is kept (the same grid for every init: equal tuning effort). The test split is
+never looked at during training or selection.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from medpretrain.backbones import Backbone
+from medpretrain.data.base import Dataset, Task
+from medpretrain.errors import MedpretrainError
+from medpretrain.metrics import probabilities
+from medpretrain.runtime import default_device
+from medpretrain.train.classifier import Classifier, predict_logits
+from medpretrain.train.config import FinetuneConfig, StepPlan
+from medpretrain.train.module import FinetuneModule
+from medpretrain.train.trainer import make_trainer, quiet_lightning
+
+
+@dataclass
+class FinetuneResult:
+    """Predictions of the selected weights, the chosen run's history, and the overfitting gap.
+
+    `history[i]` is one validation point (`step`, `epoch`, losses, accuracies, AUC); `best_step` refers to
+    it. `search` has one entry per learning rate tried. `model` holds the best weights, CPU, eval mode.
+    """
+
+    test_proba: np.ndarray
+    val_proba: np.ndarray
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_step: int
+    steps: int
+    lr: float
+    search: list[dict[str, Any]]
+    overfitting: dict[str, float]
+    model: Classifier
+    fit_seconds: float = 0.0
+    stopped_early: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _class_weight(labels: np.ndarray, task: Task, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency CE weights (mean 1 over the sample), or neg/pos `pos_weight` for multi-label."""
+    if task is Task.MULTILABEL:
+        pos = labels.sum(axis=0).astype(np.float64)
+        neg = len(labels) - pos
+        return torch.tensor(np.clip(neg / np.maximum(pos, 1.0), 0.0, 100.0), dtype=torch.float32)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _labels_tensor(y: np.ndarray, task: Task) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(y))
+    return t.float() if task is Task.MULTILABEL else t.long().view(-1)
+
+
+def _check_inputs(dataset: Dataset, train_idx: np.ndarray) -> np.ndarray:
+    idx = np.asarray(train_idx)
+    n_train = len(dataset.images["train"])
+    if idx.ndim != 1 or len(idx) == 0:
+        raise MedpretrainError("fine-tuning needs at least one labelled training image", "use a larger budget")
+    if not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n_train:
+        raise MedpretrainError(
+            f"training indices must be integers in [0, {n_train})", "select them with budgets.select"
+        )
+    if len(idx) < 2:
+        raise MedpretrainError("fine-tuning needs at least two labelled images (batch norm)", "use a larger budget")
+    for split in ("val", "test"):
+        if split not in dataset.images or len(dataset.images[split]) == 0:
+            raise MedpretrainError(f"dataset '{dataset.name}' has no {split} split", "fine-tuning selects on val")
+    return idx.astype(np.int64)
+
+
+def _loaders(
+    dataset: Dataset, idx: np.ndarray, task: Task, plan: StepPlan, cfg: FinetuneConfig, seed: int
+) -> tuple[DataLoader, list[DataLoader]]:
+    x_train = dataset.images["train"][torch.as_tensor(idx)]
+    y_train = _labels_tensor(dataset.labels["train"][idx], task)
+    loader_kw: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": torch.cuda.is_available()}
+    if cfg.num_workers > 0:
+        loader_kw["persistent_workers"] = True
+    train_loader = DataLoader(
+        TensorDataset(x_train, y_train),
+        batch_size=plan.batch_size,
+        shuffle=True,
+        drop_last=plan.drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **loader_kw,
+    )
+    # Train side of the overfitting gap: an un-augmented eval-mode pass over (a fixed sample of) the subset.
+    sub = torch.arange(len(idx))
+    if len(idx) > cfg.train_eval_max:
+        sub = torch.as_tensor(np.sort(np.random.default_rng(seed).choice(len(idx), cfg.train_eval_max, replace=False)))
+    val_set = TensorDataset(dataset.images["val"], _labels_tensor(dataset.labels["val"], task))
+    evals = [
+        DataLoader(val_set, batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw),
+        DataLoader(
+            TensorDataset(x_train[sub], y_train[sub]), batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw
+        ),
+    ]
+    return train_loader, evals
+
+
+def _fit_one(
+    backbone: Backbone,
+    dataset: Dataset,
+    idx: np.ndarray,
+    cfg: FinetuneConfig,
+    *,
+    lr: float,
+    backbone_lr_scale: float,
+    hflip: float,
+    seed: int,
+    progress: bool,
+) -> FinetuneModule:
+    """One full training run at one learning rate; the module holds its history and best weights."""
+    task = Task(dataset.task)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    plan = StepPlan.of(len(idx), cfg)
+    train_loader, eval_loaders = _loaders(dataset, idx, task, plan, cfg, seed)
+    weight = _class_weight(dataset.labels["train"][idx], task, dataset.num_classes) if cfg.class_weighted else None
+    module = FinetuneModule(
+        Classifier(copy.deepcopy(backbone), dataset.num_classes),
+        task,
+        cfg,
+        lr=lr,
+        backbone_lr_scale=backbone_lr_scale,
+        plan=plan,
+        recipe=cfg.recipe(hflip),
+        class_weight=weight,
+        aug_seed=seed,
+    )
+    # One device: validation metrics and best-state tracking are exact only without DDP's padded sharding,
+    # and fine-tuning at MedMNIST scale does not need more. Validation every `eval_every` global steps,
+    # across epoch boundaries (check_val_every_n_epoch=None), so a 1-batch epoch is not validated 500 times.
+    trainer = make_trainer(
+        max_epochs=-1,
+        max_steps=plan.total_steps,
+        max_time=cfg.max_time,
+        devices=1,
+        progress=progress,
+        val_check_interval=plan.eval_every,
+        check_val_every_n_epoch=None,
+    )
+    with quiet_lightning():
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loaders)
+    if not module.history or module.best_state is None:
+        raise MedpretrainError(
+            "fine-tuning stopped before its first validation, so no weights could be selected",
+            "raise max_time or lower the budget",
+        )
+    return module
+
+
+def finetune(
+    backbone: Backbone,
+    dataset: Dataset,
+    train_idx: np.ndarray,
+    cfg: FinetuneConfig,
+    *,
+    seed: int,
+    pretrained: bool = False,
+    hflip: float = 0.5,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune copies of `backbone` + a linear head on `dataset.train[train_idx]` at every lr of the grid
+    (the caller's backbone is left untouched); keep the run and step with the best validation AUC; predict
+    val and test with it.
+
+    `pretrained` applies `cfg.pretrained_backbone_lr_scale`; `hflip` is the flip probability of the views.
+    Binary and ordinal tasks use softmax cross-entropy over their classes, multi-label independent sigmoids.
+    Validation and test are scored in full.
+    """
+    idx = _check_inputs(dataset, train_idx)
+    task = Task(dataset.task)
+    flip = cfg.augmentation(hflip)["hflip"]
+    scale = cfg.pretrained_backbone_lr_scale if pretrained else 1.0
+    start = time.perf_counter()
+    best: tuple[tuple[float, float], float, FinetuneModule] | None = None
+    search = []
+    for lr in cfg.lr:
+        module = _fit_one(
+            backbone, dataset, idx, cfg, lr=lr, backbone_lr_scale=scale, hflip=flip, seed=seed, progress=progress
+        )
+        steps = int(module.global_step)
+        search.append({"lr": lr, "val_auc": module.best_score[0], "best_step": module.best_step, "steps": steps})
+        if best is None or module.best_score > best[0]:
+            best = (module.best_score, lr, module)
+        else:
+            del module  # only the chosen run's weights are kept
+    assert best is not None
+    _, lr, module = best
+    plan = module.plan
+    model = module.model.cpu()
+    model.load_state_dict(module.best_state)  # type: ignore[arg-type]
+    device = default_device()
+    model.eval().to(device)
+    val_proba = probabilities(predict_logits(model, dataset.images["val"], batch_size=cfg.eval_batch_size), task)
+    test_proba = probabilities(predict_logits(model, dataset.images["test"], batch_size=cfg.eval_batch_size), task)
+    model.cpu()
+
+    history = module.history
+    chosen = next(h for h in history if h["step"] == module.best_step)
+    last = history[-1]
+    overfitting = {
+        "gap_loss_best": chosen["train_loss"] - chosen["val_loss"],
+        "gap_acc_best": chosen["train_acc"] - chosen["val_acc"],
+        "gap_loss_last": last["train_loss"] - last["val_loss"],
+        "gap_acc_last": last["train_acc"] - last["val_acc"],
+    }
+    steps = int(module.global_step)
+    return FinetuneResult(
+        test_proba=test_proba,
+        val_proba=val_proba,
+        history=history,
+        best_epoch=int(chosen["epoch"]),
+        best_step=module.best_step,
+        steps=steps,
+        lr=lr,
+        search=search,
+        overfitting=overfitting,
+        model=model,
+        fit_seconds=time.perf_counter() - start,
+        stopped_early=steps < plan.total_steps,
+        config={
+            **cfg.model_dump(),
+            "batch_size_used": plan.batch_size,
+            "planned_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "eval_every": plan.eval_every,
+            "backbone_lr_scale": scale,
+        },
+    )
+
+
+__all__ = ["FinetuneResult", "finetune"]

@@ -1,0 +1,128 @@
+"""Fair protocols: validation budgets, laterality-aware flips, BatchNorm adaptation for every init, pre-training
+seeds and protocol versions in cell keys (real MedMNIST data, tiny subsets)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medpretrain.budgets import Budget, select_validation
+from medpretrain.cli import app
+from medpretrain.data import load_dataset
+from medpretrain.evaluate import Cell
+from medpretrain.features import FeatureCache
+from medpretrain.inits import InitSpec
+from medpretrain.runner import plan_cells, pretrain_jobs
+from medpretrain.study import validate_study
+
+runner = CliRunner()
+
+
+def test_matched_validation_is_proportional_stratified_and_seeded() -> None:
+    y = np.array([0] * 900 + [1] * 90 + [2] * 10)
+    idx = select_validation(y, "multiclass", 0.1, seed=0)
+    assert np.bincount(y[idx]).tolist() == [90, 9, 1]
+    tiny = select_validation(y, "multiclass", 0.01, seed=0)
+    assert np.bincount(y[tiny]).tolist() == [9, 1, 1]  # at least one image of every class
+    assert not np.array_equal(tiny, select_validation(y, "multiclass", 0.01, seed=1))
+    assert len(select_validation(y, "multiclass", 1.0, seed=0)) == len(y)
+    multilabel = (np.random.default_rng(0).random((400, 4)) < [0.5, 0.1, 0.02, 0.3]).astype(int)
+    sub = select_validation(multilabel, "multilabel", 0.05, seed=0)
+    assert (multilabel[sub].sum(axis=0) >= 1).all()
+
+
+def test_flips_follow_laterality_of_class_names() -> None:
+    organ = load_dataset("organamnist")
+    assert organ.default_hflip == 0.0
+    assert "femur-left" in organ.lateral_classes and "liver" not in organ.lateral_classes
+    assert load_dataset("bloodmnist").default_hflip > 0
+    assert load_dataset("pneumoniamnist").default_hflip > 0
+
+
+def _plan(**study_keys: object) -> tuple:
+    study = validate_study(
+        {
+            "datasets": ["pneumoniamnist"],
+            "inits": ["scratch", {"method": "simclr", "epochs": 1}],
+            "protocols": ["linear"],
+            "budgets": {"fractions": [0.1]},
+            "seeds": 4,
+            **study_keys,
+        },
+        "s.yaml",
+    )
+    jobs = pretrain_jobs(study)
+    checkpoints = {(j.dataset, j.label, j.replicate): Path(f"/ckpt/{j.request.seed}.pt") for j in jobs}
+    return study, jobs, checkpoints
+
+
+def test_pretrain_seeds_give_one_pretraining_per_replicate() -> None:
+    _, jobs, _ = _plan(pretrain_seeds=2)
+    assert [j.request.seed for j in jobs] == [0, 1] and [j.replicate for j in jobs] == [0, 1]
+    single = pretrain_jobs(_plan()[0])
+    assert len(single) == 1  # the default: one pre-training serves every seed, as before
+
+
+def test_eval_seed_uses_pretraining_seed_mod_n() -> None:
+    study, _, checkpoints = _plan(pretrain_seeds=2, validation="matched", hflip=0.0)
+    cells = plan_cells(study, checkpoints)
+    pretrained = [c for c in cells if c.pretrained_here]
+    assert [(c.seed, c.init) for c in pretrained] == [(0, "/ckpt/0.pt"), (1, "/ckpt/1.pt"), (2, "/ckpt/0.pt"),
+                                                      (3, "/ckpt/1.pt")]  # fmt: skip
+    assert all(c.validation == "matched" and c.hflip == 0.0 for c in cells)
+
+
+def test_study_rejects_bad_policies() -> None:
+    base = {"datasets": ["pneumoniamnist"], "inits": ["scratch"], "budgets": {"fractions": [0.1]}}
+    bad = [
+        ({"validation": "half"}, "validation"),
+        ({"hflip": 2}, "hflip"),
+        ({"pretrain_seeds": 0}, "pretrain_seeds"),
+        ({"linear": {"bn_adaptt": True}}, "bn_adaptt"),
+    ]
+    for change, named in bad:
+        with pytest.raises(Exception, match=named):
+            validate_study({**base, **change}, "s.yaml")
+
+
+def test_protocol_version_and_policies_change_the_cell_key() -> None:
+    base = dict(dataset="pneumoniamnist", size=28, image_size=28, backbone="resnet18", small_stem=False,
+                init="scratch", protocol="finetune", budget=Budget(fraction=0.1), seed=0)  # fmt: skip
+    cell = Cell(**base)
+    assert cell.config()["protocol_version"] == 2  # fine-tuning in steps; rows of the epoch version differ
+    assert len({cell.key, Cell(**base, validation="matched").key, Cell(**base, hflip=0.0).key}) == 3
+
+
+def test_bn_adapt_features_are_keyed_apart_and_differ(tmp_path: Path) -> None:
+    ds = load_dataset("pneumoniamnist[train=64,val=32,test=32]")
+    cache = FeatureCache(tmp_path)
+    init = InitSpec("scratch")
+    plain = cache.get(init, "resnet18", False, ds, progress=False)
+    adapted = cache.get(init, "resnet18", False, ds, bn_adapt=True, progress=False)
+    assert cache.key(init, "resnet18", False, ds) != cache.key(init, "resnet18", False, ds, bn_adapt=True)
+    assert plain["train"].shape == adapted["train"].shape
+    assert not np.allclose(plain["train"], adapted["train"])
+    assert np.isfinite(adapted["test"]).all()
+
+
+def test_evaluate_rows_record_n_val_steps_and_augmentation(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, [
+        "evaluate", "--dataset", "organamnist[train=220,val=200,test=100]", "--init", "scratch",
+        "--protocol", "linear", "--protocol", "finetune", "--fraction", "0.1", "--validation", "matched",
+        "--min-steps", "12", "--lr", "1e-3", "--lr", "1e-4", "--bn-adapt", "--out", str(out),
+        "--json", str(out / "rows.json"), "--no-progress",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = {r["protocol"]: r for r in json.loads((out / "rows.json").read_text())}
+    assert rows["linear"]["n_val"] == rows["finetune"]["n_val"] < 200  # matched: about 10% of 200, ≥ 1 per class
+    assert rows["finetune"]["augmentation"]["hflip"] == 0.0  # organ classes are left/right
+    assert rows["linear"]["steps"] is None
+    ft = rows["finetune"]
+    assert ft["steps"] >= 12 and ft["chosen"]["lr"] in (1e-3, 1e-4)
+    assert [s["lr"] for s in ft["extra"]["search"]] == [1e-3, 1e-4]
+    assert rows["linear"]["config"]["params"] == {"bn_adapt": True}
