@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from medpretrain.backbones import Backbone, create_backbone
 from medpretrain.errors import MedpretrainError
 from medpretrain.ssl import Method, get_method, method_config
+from medpretrain.ssl.base import TrainingClock
 from medpretrain.ssl.mae import MAE, MAEConfig
 from medpretrain.ssl.spark import SparK, SparKConfig, mask_at, masked_patch_loss, sparse_encoding
 from medpretrain.ssl.vae import VAE, VAEConfig
@@ -41,6 +42,7 @@ def _resize(batch: torch.Tensor, size: int) -> torch.Tensor:
 def _train_two_steps(method: Method, batch: torch.Tensor, name: str, *, small_stem: bool) -> list[float]:
     """Two optimiser steps as the training loop runs them; checks gradients, updates and the checkpoint keys."""
     before = {k: v.clone() for k, v in method.backbone.model.state_dict().items()}
+    method.start(TrainingClock(total_steps=2, steps_per_epoch=1))
     conf = method.configure_optimizers(2, 1)
     opt, schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     losses = []
@@ -274,9 +276,9 @@ def test_vae_resnet18_28px(blood: torch.Tensor) -> None:
     method = VAE(create_backbone("resnet18"), VAEConfig(), channels=3, image_size=28)
     assert float(method.kl_weight) == 0.0 and "kl_weight" in method.state_dict()
     _train_two_steps(method, blood, "resnet18", small_stem=False)
-    # configure_optimizers(2, 1): one step per epoch, KL warm-up over one epoch → full weight after step 0.
+    # A clock of 2 steps, 1 per epoch: KL warm-up over one epoch → full weight after step 0.
     assert float(method.kl_weight) == 1.0
-    method.configure_optimizers(8, 4)
+    method.start(TrainingClock(total_steps=8, steps_per_epoch=4))
     method.after_step(0, 8)
     assert float(method.kl_weight) == pytest.approx(0.25)
     with torch.no_grad():

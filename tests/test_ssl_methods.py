@@ -23,7 +23,7 @@ from torch import nn
 
 from medpretrain.backbones import create_backbone
 from medpretrain.errors import MedpretrainError
-from medpretrain.ssl.base import METHODS, Method, get_method, method_config
+from medpretrain.ssl.base import METHODS, Method, TrainingClock, get_method, method_config
 
 NAMES = ("simclr", "moco", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg")
 for _name in NAMES:  # registration happens on import; the package __init__ may not import them all yet
@@ -86,6 +86,7 @@ class Run:
 
 def _train(method: Method, batch: torch.Tensor, steps: int = 2) -> Run:
     """Drive `method` exactly as the training loop does, recording what the tests check."""
+    method.start(TrainingClock(TOTAL_STEPS, STEPS_PER_EPOCH))
     opt_cfg = method.configure_optimizers(TOTAL_STEPS, STEPS_PER_EPOCH)
     optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     run = Run(method, optimizer, _snapshot(method.backbone))

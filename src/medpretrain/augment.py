@@ -249,9 +249,17 @@ def contrastive_recipe(*, blur_p: float = 0.5, solarize_p: float = 0.0) -> ViewR
     )
 
 
+def byol_view_pair(base: ViewRecipe | None = None) -> tuple[ViewRecipe, ViewRecipe]:
+    """BYOL's asymmetric pair of views (Grill et al., 2020), from `base` (default `contrastive_recipe()`):
+    the first always blurred and never solarised, the second rarely blurred (0.1) and sometimes solarised
+    (0.2). DINO (Caron et al., 2021) takes its two global crops the same way."""
+    base = base if base is not None else contrastive_recipe()
+    return base.with_(blur_p=1.0, solarize_p=0.0), base.with_(blur_p=0.1, solarize_p=0.2)
+
+
 def eval_view(batch: torch.Tensor) -> torch.Tensor:
     """What evaluation sees: the image as it is, as float in [0, 1]."""
     return to_float(batch)
 
 
-__all__ = ["ViewRecipe", "contrastive_recipe", "eval_view", "finetune_recipe", "to_float"]
+__all__ = ["ViewRecipe", "byol_view_pair", "contrastive_recipe", "eval_view", "finetune_recipe", "to_float"]

@@ -32,6 +32,7 @@ from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
 from medpretrain.runtime import stable_hash
 from medpretrain.ssl import Method, get_method, method_config
+from medpretrain.ssl.base import TrainingClock
 from medpretrain.train import make_trainer, quiet_lightning, resolve_precision
 
 
@@ -95,9 +96,12 @@ class PretrainModule(pl.LightningModule):
         self._epoch: dict[str, float] = {}
 
     def configure_optimizers(self) -> Any:
-        # num_training_batches is still unknown (inf) here; Lightning's estimate is the one that is ready.
+        # The first hook at which the run's length is known: num_training_batches is still unknown (inf) here,
+        # Lightning's estimate is the one that is ready. It runs on every fit, so a resumed run is handed it too.
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return self.method.configure_optimizers(total, max(1, total // self.trainer.max_epochs))
+        clock = TrainingClock(total_steps=total, steps_per_epoch=max(1, total // self.trainer.max_epochs))
+        self.method.start(clock)
+        return self.method.configure_optimizers(clock.total_steps, clock.steps_per_epoch)
 
     def on_train_epoch_start(self) -> None:
         self._epoch = {"loss": 0.0, "images": 0.0, "batches": 0.0, "std": 0.0, "started": time.perf_counter()}
@@ -121,7 +125,7 @@ class PretrainModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step already counts this step: methods receive the number of steps completed.
-        self.method.after_step(self.global_step, max(1, int(self.trainer.estimated_stepping_batches)))
+        self.method.after_step(self.global_step, self.method.clock.total_steps)
 
     def on_train_epoch_end(self) -> None:
         e = self._epoch

@@ -3,20 +3,23 @@
 A method is a small `nn.Module` composed from lightly's pieces (heads, losses, memory banks, schedules)
 around our `Backbone`: it makes its views of a uint8 batch on the training device, computes its loss,
 updates its momentum encoders after each step, and says which optimiser its paper prescribes. The one
-training loop (`medpretrain.train.pretrain`) does everything else: data, epochs, checkpoints, resume,
-logging, AMP/DDP.
+training loop (`medpretrain.pretrain.PretrainModule`) does everything else: data, epochs, checkpoints,
+resume, logging, AMP/DDP.
+
+The loop hands a method the length of its run once, before the first step, as a `TrainingClock`
+(`Method.start`); epoch-based schedules (DINO's teacher temperature and last-layer freeze, SwAV's queue and
+prototype freeze, the VAE's KL warm-up) read `self.clock` instead of each capturing it on its own.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from lightly.models.utils import deactivate_requires_grad
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -44,12 +47,24 @@ class MethodConfig(BaseModel):
     warmup_epochs: int = 1
 
 
-def momentum_copy(module: nn.Module) -> nn.Module:
-    """A frozen copy of `module` for a momentum (key/target/teacher) encoder: lightly's `update_momentum`
-    moves it, the optimiser never does."""
-    twin = copy.deepcopy(module)
-    deactivate_requires_grad(twin)
-    return twin
+@dataclass(frozen=True)
+class TrainingClock:
+    """The length of a training run in optimiser steps, handed to a method once before its first step.
+
+    `steps_per_epoch == 0` means the length is unknown (a method driven outside the loop without `start`):
+    epoch-based schedules then count as finished, so nothing stays frozen or warming up forever.
+    """
+
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+
+    def steps(self, epochs: float) -> int:
+        """Optimiser steps in `epochs` epochs (0 while the epoch length is unknown)."""
+        return round(epochs * self.steps_per_epoch)
+
+    def epoch(self, step: int) -> float:
+        """Epochs completed after `step` optimiser steps (infinite while the epoch length is unknown)."""
+        return step / self.steps_per_epoch if self.steps_per_epoch > 0 else math.inf
 
 
 @dataclass
@@ -66,6 +81,13 @@ class Method(nn.Module, ABC):
     family: ClassVar[str]  # "contrastive", "non-contrastive", "distillation", "masked", "generative"
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     backbone_families: ClassVar[tuple[str, ...]] = ("resnet", "efficientnet", "vit")
+    # True for methods whose `step` itself follows epoch-based schedules (DINO, SwAV): the optimiser steps done
+    # are then a buffer, so a resumed run's first step continues those schedules where the interrupted run
+    # stopped (the loop reports the step count only after a step, in `after_step`). The clock's epoch length is
+    # recorded beside it: both have always been in these methods' resume checkpoints.
+    tracks_position: ClassVar[bool] = False
+    optimizer_steps: torch.Tensor
+    steps_per_epoch: torch.Tensor
 
     def __init__(self, backbone: Backbone, config: MethodConfig, *, channels: int, image_size: int) -> None:
         super().__init__()
@@ -73,6 +95,21 @@ class Method(nn.Module, ABC):
         self.config = config
         self.channels = channels
         self.image_size = image_size
+        self.clock = TrainingClock()  # unknown until `start`
+        if self.tracks_position:
+            self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
+            self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
+
+    def start(self, clock: TrainingClock) -> None:
+        """Called by the training loop before the first step (again on resume) with the length of the run."""
+        self.clock = clock
+        if self.tracks_position:
+            self.steps_per_epoch.fill_(clock.steps_per_epoch)
+
+    @property
+    def steps_done(self) -> int:
+        """Optimiser steps completed so far (methods with `tracks_position` only)."""
+        return int(self.optimizer_steps)
 
     @abstractmethod
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -83,7 +120,10 @@ class Method(nn.Module, ABC):
         """Forward pass and loss for one batch of views."""
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Called after every optimiser step: momentum-encoder updates, schedules. Default: nothing."""
+        """Called after every optimiser step with the number of steps completed: momentum-encoder updates,
+        schedules. Default: record the position (methods with `tracks_position`); overrides call this too."""
+        if self.tracks_position:
+            self.optimizer_steps.fill_(step)
 
     def finalize(self, images: torch.Tensor, device: torch.device) -> None:
         """Called once after the last epoch, before the checkpoint is written, with the (uint8) pre-training
@@ -94,7 +134,10 @@ class Method(nn.Module, ABC):
         return (p for p in self.parameters() if p.requires_grad)
 
     def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        """The optimiser the method's paper prescribes, with linear warm-up and cosine decay per step."""
+        """The optimiser the method's paper prescribes, with linear warm-up and cosine decay per step.
+
+        Builds the optimiser only: the run's length reaches the method through `start`, not as a side effect.
+        """
         cfg = self.config
         lr = cfg.lr * cfg.batch_size / 256
         decay, no_decay = [], []

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules.heads import BYOLPredictionHead, BYOLProjectionHead
-from lightly.models.utils import update_momentum
-from lightly.utils.scheduler import cosine_schedule
 from pydantic import Field
 from torch import nn
 
-from medpretrain.augment import contrastive_recipe
+from medpretrain.augment import byol_view_pair, contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
+from medpretrain.ssl.base import MethodConfig, StepOutput, register_method
+from medpretrain.ssl.momentum import MomentumMethod, momentum_copy
 
 
 class BYOLConfig(MethodConfig):
@@ -37,7 +35,7 @@ class BYOLConfig(MethodConfig):
 
 
 @register_method
-class BYOL(Method):
+class BYOL(MomentumMethod):
     name: ClassVar[str] = "byol"
     description: ClassVar[str] = "BYOL: online predictor regresses a momentum target's projection (no negatives)"
     family: ClassVar[str] = "non-contrastive"
@@ -53,17 +51,10 @@ class BYOL(Method):
         self.target_head = momentum_copy(self.projection_head)
         # -cos differs from the paper's 2 - 2·cos only by an affine map; the gradients' direction is the same.
         self.criterion = NegativeCosineSimilarity()
-        # The paper's asymmetric pair: always blurred / rarely blurred and sometimes solarised.
-        base = contrastive_recipe().with_(output_size=image_size)
-        self.recipes = (base.with_(blur_p=1.0, solarize_p=0.0), base.with_(blur_p=0.1, solarize_p=0.2))
+        self.recipes = byol_view_pair(contrastive_recipe().with_(output_size=image_size))
 
     def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(online, momentum copy) pairs."""
         return [(self.backbone, self.target_backbone), (self.projection_head, self.target_head)]
-
-    def optimized_parameters(self) -> Iterable[nn.Parameter]:
-        frozen = {id(p) for _, ema in self.momentum_modules() for p in ema.parameters()}
-        return (p for p in self.parameters() if p.requires_grad and id(p) not in frozen)
 
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         return [recipe(batch, generator=generator) for recipe in self.recipes]
@@ -78,10 +69,3 @@ class BYOL(Method):
         with torch.autocast(device_type=p0.device.type, enabled=False):
             loss = 0.5 * (self.criterion(p0.float(), t1.float()) + self.criterion(p1.float(), t0.float()))
         return StepOutput(loss=loss, embedding=h0.detach())
-
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        cfg = self.config
-        m = cosine_schedule(min(step, total_steps), total_steps, cfg.ema_momentum, cfg.ema_momentum_end)
-        for online, ema in self.momentum_modules():
-            update_momentum(online, ema, m)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules.heads import DINOProjectionHead
-from lightly.models.utils import update_momentum
-from lightly.utils.scheduler import cosine_schedule, linear_warmup_schedule
+from lightly.utils.scheduler import linear_warmup_schedule
 from pydantic import Field, model_validator
 from torch import nn
 
-from medpretrain.augment import contrastive_recipe
+from medpretrain.augment import byol_view_pair, contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
+from medpretrain.ssl.base import MethodConfig, StepOutput, register_method
+from medpretrain.ssl.momentum import MomentumMethod, momentum_copy
 
 # Multi-crop papers take 96 px local crops of 224 px images; below 12 px a CNN's 32× downsampling leaves
 # nothing to pool, so 28 px images get 12 px local crops.
@@ -81,14 +81,14 @@ def _parametrized_last_layer(head: DINOProjectionHead) -> None:
 
 
 @register_method
-class DINO(Method):
+class DINO(MomentumMethod):
     name: ClassVar[str] = "dino"
     description: ClassVar[str] = "DINO: self-distillation from a momentum teacher with multi-crop views"
     family: ClassVar[str] = "distillation"
     config_class: ClassVar[type[MethodConfig]] = DINOConfig
+    # Epoch-based schedules (teacher temperature, last-layer freeze) need the position in training in `step`.
+    tracks_position: ClassVar[bool] = True
     config: DINOConfig
-    optimizer_steps: torch.Tensor
-    steps_per_epoch: torch.Tensor
 
     def __init__(self, backbone: Backbone, config: DINOConfig, *, channels: int, image_size: int) -> None:
         super().__init__(backbone, config, channels=channels, image_size=image_size)
@@ -112,12 +112,8 @@ class DINO(Method):
             student_temp=config.student_temp,
             center_momentum=config.center_momentum,
         )
-        # Epoch-based schedules (teacher temperature, last-layer freeze) need the position in training, which
-        # must survive a resume.
-        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
         base = contrastive_recipe().with_(output_size=image_size, crop_scale=config.global_crop_scale)
-        self.global_recipes = (base.with_(blur_p=1.0, solarize_p=0.0), base.with_(blur_p=0.1, solarize_p=0.2))
+        self.global_recipes = byol_view_pair(base)
         self.local_recipe = base.with_(
             crop_scale=config.local_crop_scale, output_size=local_crop_size(image_size), blur_p=0.5
         )
@@ -125,15 +121,14 @@ class DINO(Method):
     def _last_layer_direction(self) -> nn.Parameter:
         return self.student_head.last_layer.parametrizations.weight.original1
 
+    def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.student_head, self.teacher_head)]
+
     def optimized_parameters(self) -> Iterable[nn.Parameter]:
-        teacher = {id(p) for m in (self.teacher_backbone, self.teacher_head) for p in m.parameters()}
+        teacher = self.momentum_parameter_ids()
         # The last layer is switched off only while frozen; it must still be in the optimiser for later.
         direction = self._last_layer_direction()
         return (p for p in self.parameters() if id(p) not in teacher and (p.requires_grad or p is direction))
-
-    def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        self.steps_per_epoch.fill_(steps_per_epoch)
-        return super().configure_optimizers(total_steps, steps_per_epoch)
 
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         crops = [recipe(batch, generator=generator) for recipe in self.global_recipes]
@@ -141,13 +136,12 @@ class DINO(Method):
         return crops
 
     def step(self, views: list[torch.Tensor]) -> StepOutput:
-        cfg = self.config
-        step, per_epoch = int(self.optimizer_steps), int(self.steps_per_epoch)
-        # Before configure_optimizers the epoch length is unknown: treat the schedules as finished.
-        frozen = per_epoch > 0 and step < cfg.freeze_last_layer_epochs * per_epoch
+        cfg, step = self.config, self.steps_done
+        # Without a clock (epoch length unknown) both schedules count as finished: steps(...) is 0.
+        frozen = step < self.clock.steps(cfg.freeze_last_layer_epochs)
         self._last_layer_direction().requires_grad_(not frozen)
         teacher_temp = linear_warmup_schedule(
-            step, cfg.warmup_teacher_temp_epochs * per_epoch, cfg.warmup_teacher_temp, cfg.teacher_temp
+            step, self.clock.steps(cfg.warmup_teacher_temp_epochs), cfg.warmup_teacher_temp, cfg.teacher_temp
         )
         n_global = len(self.global_recipes)
         # Crops of one size go through together, as in the paper's implementation (one BN batch per resolution).
@@ -162,11 +156,3 @@ class DINO(Method):
         with torch.autocast(device_type=global_batch.device.type, enabled=False):
             loss = self.criterion([t.float() for t in teacher], [s.float() for s in student], teacher_temp=teacher_temp)
         return StepOutput(loss=loss, embedding=h_global[: views[0].shape[0]].detach())
-
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        cfg = self.config
-        self.optimizer_steps.fill_(step)
-        m = cosine_schedule(min(step, total_steps), total_steps, cfg.ema_momentum, cfg.ema_momentum_end)
-        update_momentum(self.backbone, self.teacher_backbone, m)
-        update_momentum(self.student_head, self.teacher_head, m)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules.heads import MoCoProjectionHead
-from lightly.models.utils import (
-    batch_shuffle_distributed,
-    batch_unshuffle_distributed,
-    update_momentum,
-)
-from lightly.utils.scheduler import cosine_schedule
+from lightly.models.utils import batch_shuffle_distributed, batch_unshuffle_distributed
 from pydantic import Field
 from torch import nn
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, momentum_copy, register_method
+from medpretrain.ssl.base import MethodConfig, StepOutput, register_method
+from medpretrain.ssl.memory_bank import checkpointed_bank
+from medpretrain.ssl.momentum import MomentumMethod, momentum_copy
 
 
 class MoCoConfig(MethodConfig):
@@ -44,7 +40,7 @@ class MoCoConfig(MethodConfig):
 
 
 @register_method
-class MoCo(Method):
+class MoCo(MomentumMethod):
     name: ClassVar[str] = "moco"
     description: ClassVar[str] = "MoCo v2: InfoNCE against a momentum key encoder and a queue of past keys"
     family: ClassVar[str] = "contrastive"
@@ -62,19 +58,12 @@ class MoCo(Method):
             memory_bank_size=(config.queue_size, config.output_dim),
             gather_distributed=True,
         )
-        # lightly keeps the queue out of the state_dict; a resumed run must not restart from random negatives.
-        bank = self.criterion.memory_bank
-        bank.register_buffer("bank", bank.bank, persistent=True)
-        bank.register_buffer("bank_ptr", bank.bank_ptr, persistent=True)
+        # A resumed run must not restart from random negatives.
+        checkpointed_bank(self.criterion.memory_bank)
         self.recipe = contrastive_recipe(blur_p=0.5).with_(output_size=image_size)
 
     def momentum_modules(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(online, momentum copy) pairs."""
         return [(self.backbone, self.key_backbone), (self.projection_head, self.key_head)]
-
-    def optimized_parameters(self) -> Iterable[nn.Parameter]:
-        frozen = {id(p) for _, ema in self.momentum_modules() for p in ema.parameters()}
-        return (p for p in self.parameters() if p.requires_grad and id(p) not in frozen)
 
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         return [self.recipe(batch, generator=generator) for _ in range(2)]
@@ -97,10 +86,3 @@ class MoCo(Method):
             # NT-Xent with a memory bank is InfoNCE with the queue as negatives; it enqueues the keys itself.
             loss = self.criterion(query.float(), key.float())
         return StepOutput(loss=loss, embedding=h.detach())
-
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        cfg = self.config
-        m = cosine_schedule(min(step, total_steps), total_steps, cfg.ema_momentum, cfg.ema_momentum_end)
-        for online, ema in self.momentum_modules():
-            update_momentum(online, ema, m)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
 from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
 from medpretrain.ssl.dino import local_crop_size
+from medpretrain.ssl.memory_bank import checkpointed_bank
 
 N_GLOBAL = 2
 
@@ -56,9 +57,9 @@ class SwaV(Method):
     description: ClassVar[str] = "SwAV: swapped prediction of Sinkhorn prototype assignments, multi-crop"
     family: ClassVar[str] = "contrastive"
     config_class: ClassVar[type[MethodConfig]] = SwaVConfig
+    # The queue's start and the prototype freeze are epoch-based and read in `step`.
+    tracks_position: ClassVar[bool] = True
     config: SwaVConfig
-    optimizer_steps: torch.Tensor
-    steps_per_epoch: torch.Tensor
     queue_filled: torch.Tensor
 
     def __init__(self, backbone: Backbone, config: SwaVConfig, *, channels: int, image_size: int) -> None:
@@ -71,19 +72,14 @@ class SwaV(Method):
             sinkhorn_epsilon=config.sinkhorn_epsilon,
             sinkhorn_gather_distributed=True,
         )
-        # One queue per global crop, local to each process as in the paper's code.
+        # One queue per global crop, local to each process as in the paper's code; checkpointed, so a resumed run
+        # keeps its queued features.
         self.queues = nn.ModuleList(
-            MemoryBankModule(size=(config.queue_length, config.output_dim))
+            checkpointed_bank(MemoryBankModule(size=(config.queue_length, config.output_dim)))
             for _ in range(N_GLOBAL if config.queue_length > 0 else 0)
         )
-        for bank in self.queues:
-            # lightly keeps queues out of the state_dict; a resumed run must keep its queued features.
-            bank.register_buffer("bank", bank.bank, persistent=True)
-            bank.register_buffer("bank_ptr", bank.bank_ptr, persistent=True)
         # The queue starts out random: it is used only once it holds real features (and the epoch allows).
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
         base = contrastive_recipe(blur_p=0.5).with_(output_size=image_size, crop_scale=config.global_crop_scale)
         self.global_recipe = base
         self.local_recipe = base.with_(crop_scale=config.local_crop_scale, output_size=local_crop_size(image_size))
@@ -93,19 +89,10 @@ class SwaV(Method):
         prototypes = {id(p) for p in self.prototypes.parameters()}
         return (p for p in self.parameters() if p.requires_grad or id(p) in prototypes)
 
-    def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        self.steps_per_epoch.fill_(steps_per_epoch)
-        return super().configure_optimizers(total_steps, steps_per_epoch)
-
     def views(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         crops = [self.global_recipe(batch, generator=generator) for _ in range(N_GLOBAL)]
         crops += [self.local_recipe(batch, generator=generator) for _ in range(self.config.n_local_crops)]
         return crops
-
-    def _epoch(self) -> float:
-        per_epoch = int(self.steps_per_epoch)
-        # Before configure_optimizers the epoch length is unknown: treat the schedules as finished.
-        return int(self.optimizer_steps) / per_epoch if per_epoch > 0 else float("inf")
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)
@@ -126,7 +113,8 @@ class SwaV(Method):
         return [self.prototypes(bank.t().to(z_global[0].dtype)).float() for bank in banks]
 
     def step(self, views: list[torch.Tensor]) -> StepOutput:
-        epoch = self._epoch()
+        # Without a clock (epoch length unknown) the epoch is infinite: both schedules count as finished.
+        epoch = self.clock.epoch(self.steps_done)
         self.prototypes.requires_grad_(epoch >= self.config.freeze_prototypes_epochs)
         # Keeping prototypes on the unit sphere makes their scores cosine similarities, as Sinkhorn expects.
         self.prototypes.normalize()
@@ -142,7 +130,3 @@ class SwaV(Method):
             # Sinkhorn exponentiates scores / ε (ε = 0.05): that overflows in half precision.
             loss = self.criterion([s.float() for s in high], [s.float() for s in low], queue)
         return StepOutput(loss=loss.squeeze(), embedding=h_global[: views[0].shape[0]].detach())
-
-    @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        self.optimizer_steps.fill_(step)

@@ -15,7 +15,7 @@ interface every other method is evaluated through.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +73,6 @@ class VAE(Method):
         self.recipe = ViewRecipe(crop_scale=None, hflip=0.5, output_size=image_size)
         # A buffer, so a resumed run continues the ramp where it stopped instead of restarting it.
         self.register_buffer("kl_weight", torch.tensor(0.0 if config.kl_warmup_epochs > 0 else 1.0))
-        self._kl_warmup_steps = 0
 
     def views(self, batch: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
         return [self.recipe(batch, generator=generator)]
@@ -112,11 +111,7 @@ class VAE(Method):
         return StepOutput(loss=loss, embedding=mu.detach())
 
     def after_step(self, step: int, total_steps: int) -> None:
-        warm = self._kl_warmup_steps
+        super().after_step(step, total_steps)
+        # An unknown epoch length (no clock) disables the ramp: steps(...) is 0.
+        warm = self.clock.steps(self.config.kl_warmup_epochs)
         self.kl_weight.fill_(min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
-
-    def configure_optimizers(self, total_steps: int, steps_per_epoch: int) -> dict[str, Any]:
-        # An unknown epoch length (Lightning reports inf before the data is set up) disables the ramp.
-        per_epoch = steps_per_epoch if math.isfinite(steps_per_epoch) else 0
-        self._kl_warmup_steps = round(self.config.kl_warmup_epochs * per_epoch)
-        return super().configure_optimizers(total_steps, steps_per_epoch)
