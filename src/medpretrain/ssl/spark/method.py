@@ -1,36 +1,15 @@
-"""SparK (Tian et al., ICLR 2023): BERT-style masked image modelling for convolutional networks.
+"""SparK, the method: random patch masks, the sparse encoder's scales, the decoder and the loss, per step.
 
-The image is cut into patches on the grid of the backbone's *final* feature map (one patch per output
-position); 60 % of them are dropped. The encoder must see only the visible patches, as if it were a sparse
-network: SparK replaces every convolution, pooling and BatchNorm with a sparse version. Here the timm
-model stays dense and untouched and `sparse_encoding` emulates sparsity while it is active: every BatchNorm
-normalises with statistics of visible positions only (and updates its running statistics from them) and
-writes zeros at masked positions, and the output of every pooling layer is multiplied by the mask upsampled
-to its resolution. In the registered CNNs every convolution feeds a BatchNorm, so masked positions are
-exactly zero at every depth where a convolution reads them, and a visible position never reads anything
-but zeros from a masked one (`test_spark_encoder_sees_only_visible_patches` checks this for each family).
-Nothing is re-registered, so `backbone.model.state_dict()` keeps timm's keys.
-
-A light UNet-style decoder fills the masked positions of each encoder scale with a learned mask token
-("densify"), and upsamples from the deepest scale, adding the shallower ones, back to pixels. The target
-is each patch normalised by its own mean and variance; the MSE counts masked patches only.
-
-Which settings are valid: the mask lives on the final feature map, which must be at least 4×4 (a 1×1
-or 2×2 grid leaves nothing to predict from). Final grid = ceil(image_size / 32) for the standard ResNet
-stem and EfficientNet-Lite0, ceil(image_size / 8) for the ResNet small stem. So:
-
-- resnet18 / resnet50 with ``--small-stem``: any image size ≥ 25 px (28 px → 4×4, 64 px → 8×8);
-- resnet18 / resnet50 standard stem and efficientnet_lite0: image size ≥ 97 px (128 px → 4×4,
-  224 px → 7×7, SparK's own setting); 28 and 64 px are rejected.
-
-At 28 px with the small stem the stage maps are 28, 14, 7 and 4 px, so a patch is 8 px (the last row and
-column of patches are 4 px wide); `mask_at` follows how the stride-2 convolutions (ceil) map positions.
+SparK (Tian et al., ICLR 2023, "Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked
+Modeling"): 60 % of the patches on the final feature map's grid are dropped, the encoder sees only the visible
+ones (`medpretrain.ssl.spark.sparse`), the UNet-style decoder (`medpretrain.ssl.spark.decoder`) fills and
+upsamples its scales back to pixels, and the loss (`medpretrain.ssl.spark.loss`) counts masked patches only.
+The package docstring (`medpretrain.ssl.spark`) lists which backbone, stem and image size combinations work.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, ClassVar, Literal
@@ -38,15 +17,17 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from timm.layers import BatchNormAct2d
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import update_bn
 
 from medpretrain.augment import ViewRecipe
 from medpretrain.backbones import Backbone
 from medpretrain.errors import MedpretrainError
 from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.spark.decoder import UpBlock, decoder_targets
+from medpretrain.ssl.spark.geometry import mask_at
+from medpretrain.ssl.spark.loss import masked_patch_loss
+from medpretrain.ssl.spark.sparse import sparse_batch_norm, sparse_encoding
 
 # Encoder scales handed to the decoder, shallow → deep. For EfficientNet the stride-2 stage (blocks.0) is
 # left out like SparK leaves out ResNet's stem, and the deepest scale is the map after conv_head + bn2,
@@ -56,145 +37,6 @@ STAGES: dict[str, tuple[str, ...]] = {
     "efficientnet": ("blocks.1", "blocks.2", "blocks.4", "bn2"),
 }
 MIN_GRID = 4
-
-
-def _factor(big: int, small: int) -> int:
-    """The power of two f with ceil(big / f) == small for a chain of stride-2 stages: the smallest f·small ≥ big."""
-    f = 1
-    while f * small < big:
-        f *= 2
-    return f
-
-
-def mask_at(active: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """The patch mask (N, 1, h, w; True = visible) at a map of `size` (H, W) ≥ (h, w).
-
-    Stride-2 convolutions and pools with padding k // 2 map position j to j // 2 (output size ceil(H / 2)),
-    so a map f = 2^k times finer than the grid belongs to patch j // f: repeat f times and crop.
-    """
-    h, w = active.shape[-2:]
-    big_h, big_w = int(size[0]), int(size[1])
-    if (big_h, big_w) == (h, w):
-        return active
-    fh, fw = _factor(big_h, h), _factor(big_w, w)
-    if math.ceil(big_h / fh) != h or math.ceil(big_w / fw) != w:
-        # Not a chain of stride-2 stages (should not happen with the registered backbones): nearest neighbour.
-        return F.interpolate(active.float(), size=(big_h, big_w), mode="nearest").bool()
-    return active.repeat_interleave(fh, dim=2).repeat_interleave(fw, dim=3)[:, :, :big_h, :big_w]
-
-
-def sparse_batch_norm(bn: _BatchNorm, x: Tensor, active: Tensor) -> Tensor:
-    """`bn` applied to the visible positions of `x` only (SparK's SparseBatchNorm2d); masked positions → 0.
-
-    `active` is the mask at `x`'s resolution (N, 1, H, W). The module's own parameters and running
-    buffers are used and updated exactly as `nn.BatchNorm2d.forward` would, but from visible positions,
-    so the running statistics describe real image content rather than a majority of zeros.
-    """
-    factor = 0.0
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    use_buffers = not bn.training or bn.track_running_stats
-    sel = active[:, 0]
-    channels_last = x.permute(0, 2, 3, 1)
-    visible = F.batch_norm(
-        channels_last[sel],  # (M, C): one row per visible position
-        bn.running_mean if use_buffers else None,
-        bn.running_var if use_buffers else None,
-        bn.weight,
-        bn.bias,
-        batch_stats,
-        factor,
-        bn.eps,
-    )
-    out = torch.zeros(channels_last.shape, dtype=visible.dtype, device=x.device)
-    out[sel] = visible
-    out = out.permute(0, 3, 1, 2).contiguous()
-    if isinstance(bn, BatchNormAct2d):
-        out = bn.act(bn.drop(out)) * active.to(out.dtype)  # re-masked: an activation need not map 0 to 0
-    return out
-
-
-@contextmanager
-def sparse_encoding(model: nn.Module, active: Tensor) -> Iterator[Callable[[tuple[int, int] | torch.Size], Tensor]]:
-    """While inside, `model` behaves as a sparse network that sees only the visible patches of `active`.
-
-    Pooling outputs are re-masked by forward hooks; BatchNorm forwards are swapped, per instance, for
-    `sparse_batch_norm`, which reads only visible positions and zeroes the others. Convolution outputs need
-    no mask of their own because each feeds a BatchNorm (masking them as well cost a multiplication per
-    convolution and its backward, about 5 % of a bf16 SparK step on CPU). Hooks and swaps are undone on
-    exit, so the module tree, its state_dict keys and its behaviour outside the block are unchanged.
-    Yields the mask-at-size function (cached per size).
-    Maps smaller than the mask grid (none in the registered backbones) are left dense.
-    """
-    cache: dict[tuple[int, int], Tensor] = {}
-    grid = active.shape[-2:]
-
-    def at(size: tuple[int, int] | torch.Size) -> Tensor:
-        key = (int(size[0]), int(size[1]))
-        if key not in cache:
-            cache[key] = mask_at(active, key)
-        return cache[key]
-
-    def too_small(t: Tensor) -> bool:
-        return t.shape[-2] < grid[0] or t.shape[-1] < grid[1]
-
-    def mask_output(_module: nn.Module, _args: Any, output: Tensor) -> Tensor | None:
-        if too_small(output):
-            return None
-        return output * at(output.shape[-2:]).to(output.dtype)
-
-    def sparse_bn_forward(bn: _BatchNorm, x: Tensor) -> Tensor:
-        if too_small(x):
-            return type(bn).forward(bn, x)
-        return sparse_batch_norm(bn, x, at(x.shape[-2:]))
-
-    handles = []
-    patched: list[nn.Module] = []
-    try:
-        for module in model.modules():
-            if isinstance(module, _BatchNorm):
-                # An instance attribute shadows the class's forward; deleting it restores the original.
-                module.forward = partial(sparse_bn_forward, module)
-                patched.append(module)
-            elif isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
-                handles.append(module.register_forward_hook(mask_output))
-        yield at
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module in patched:
-            del module.forward
-
-
-def masked_patch_loss(pred: Tensor, target: Tensor, active: Tensor, eps: float = 1e-6) -> Tensor:
-    """MSE between `pred` and per-patch-normalised `target` (both N×C×H×W), averaged over masked patches.
-
-    Patches are the image regions of the mask grid's cells (`mask_at` at the image size); border patches
-    of an image that is not a multiple of the patch size are smaller, and only their real pixels count.
-    Each patch is normalised by its own mean and (unbiased) variance over channels and pixels, as in
-    SparK and MAE's norm-pix loss, so the decoder learns local structure rather than brightness.
-    """
-    n, c, big_h, big_w = target.shape
-    h, w = active.shape[-2:]
-    fh, fw = _factor(big_h, h), _factor(big_w, w)
-    pad = (0, fw * w - big_w, 0, fh * h - big_h)
-
-    def patches(t: Tensor) -> Tensor:
-        t = F.pad(t, pad)
-        ch = t.shape[1]
-        return t.reshape(t.shape[0], ch, h, fh, w, fw).permute(0, 2, 4, 1, 3, 5).reshape(t.shape[0], h * w, -1)
-
-    pv = patches(torch.ones(1, c, big_h, big_w, device=target.device))  # (1, L, C·fh·fw): 1 = real pixel
-    count = pv.sum(-1, keepdim=True)
-    t = patches(target.float())
-    mean = (t * pv).sum(-1, keepdim=True) / count
-    var = ((t - mean) ** 2 * pv).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
-    t = (t - mean) / (var + eps).sqrt()
-    err = (((patches(pred.float()) - t) ** 2) * pv).sum(-1) / count.squeeze(-1)  # (N, L)
-    masked = (~active.reshape(n, h * w)).float()
-    return (err * masked).sum() / masked.sum().clamp(min=1)
 
 
 @contextmanager
@@ -213,30 +55,6 @@ def _capture(model: nn.Module, names: tuple[str, ...]) -> Iterator[list[Tensor]]
     finally:
         for handle in handles:
             handle.remove()
-
-
-class _UpBlock(nn.Module):
-    """SparK's UNet block: upsample to the next scale, then two 3×3 conv–BN–ReLU6.
-
-    Nearest-neighbour resizing replaces SparK's stride-2 transposed convolution because our scales are not
-    always powers of two apart (28 → 14 → 7 → 4 px).
-    """
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cin),
-            nn.ReLU6(inplace=True),
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU6(inplace=True),
-        )
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        if tuple(x.shape[-2:]) != size:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
 
 
 class SparKConfig(MethodConfig):
@@ -300,16 +118,7 @@ class SparK(Method):
             )
         self.stage_sizes = sizes
         deep_first = list(zip(reversed(chans), reversed(sizes), strict=True))
-        targets = [size for _, size in deep_first[1:]]
-        cur = deep_first[-1][1]
-        while cur[0] < image_size or cur[1] < image_size:
-            cur = (min(cur[0] * 2, image_size), min(cur[1] * 2, image_size))
-            targets.append(cur)
-        if len(targets) == len(deep_first) - 1:
-            # The shallowest scale is already full size: one more block so its skip is convolved, not
-            # only projected to pixels.
-            targets.append(deep_first[-1][1])
-        self.targets = targets
+        self.targets = targets = decoder_targets([size for _, size in deep_first], image_size)
         widths = [max(config.decoder_width >> k, 16) for k in range(len(targets) + 1)]
 
         self.mask_tokens = nn.ParameterList()
@@ -326,7 +135,7 @@ class SparK(Method):
                 if k == 0 and c == widths[0]
                 else nn.Conv2d(c, widths[k], kernel, padding=kernel // 2, bias=True)
             )
-        self.blocks = nn.ModuleList(_UpBlock(widths[k], widths[k + 1]) for k in range(len(targets)))
+        self.blocks = nn.ModuleList(UpBlock(widths[k], widths[k + 1]) for k in range(len(targets)))
         self.proj = nn.Conv2d(widths[len(targets)], channels, 1)
         self.recipe = ViewRecipe(crop_scale=(config.crop_scale_min, 1.0), hflip=0.5, output_size=image_size)
 
@@ -408,3 +217,6 @@ class SparK(Method):
     def step(self, views: list[Tensor]) -> StepOutput:
         x = views[0]
         return self.forward_masked(x, self.random_mask(x.shape[0], x.device))
+
+
+__all__ = ["MIN_GRID", "STAGES", "SparK", "SparKConfig"]
