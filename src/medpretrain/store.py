@@ -3,19 +3,22 @@
 The cell key is the primary key, so a re-run skips what is done and a result can never be stored twice.
 Per-epoch histories and chosen hyper-parameters ride along as JSON; test-set probabilities go to
 `predictions/<cell_key>.npz` beside the database (the report's paired tests need them).
+
+The first result stored for a cell is kept, row and predictions together: putting the cell again changes
+neither (SQLite's INSERT OR IGNORE, extended to the predictions file).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medpretrain.atomic import write_with
 
 # Column order of the table and of the exported JSON objects; the first block is the public contract.
 COLUMNS: dict[str, str] = {
@@ -29,6 +32,7 @@ COLUMNS: dict[str, str] = {
     "imbalance": "REAL",
     "seed": "INTEGER",
     "n_labeled": "INTEGER",
+    "n_val": "INTEGER",  # validation images the cell could select on (policy `full` or `matched`)
     "auc": "REAL",
     "auc_ci_low": "REAL",
     "auc_ci_high": "REAL",
@@ -41,6 +45,8 @@ COLUMNS: dict[str, str] = {
     "ece": "REAL",
     "val_auc": "REAL",  # of the model chosen on validation: the report ranks inits on it, never on test
     "val_acc": "REAL",
+    "steps": "INTEGER",  # optimiser steps actually taken (fine-tuning); NULL for frozen-feature protocols
+    "augmentation": "TEXT",  # JSON: the training views, at least {"hflip": flip probability}
     "init_kind": "TEXT",  # scratch | imagenet | checkpoint (brought by the user) | pretrained (by this study)
     "seconds": "REAL",
     "task": "TEXT",
@@ -58,7 +64,7 @@ COLUMNS: dict[str, str] = {
     "versions": "TEXT",  # JSON: library versions
     "created_at": "TEXT",
 }
-JSON_COLUMNS = ("config", "chosen", "history", "extra", "versions")
+JSON_COLUMNS = ("augmentation", "config", "chosen", "history", "extra", "versions")
 
 
 class Store:
@@ -94,16 +100,22 @@ class Store:
         return _decode(row) if row else None
 
     def put(self, row: dict[str, Any], test_proba: np.ndarray | None = None) -> None:
-        """Store one finished cell. Predictions are written first, so a stored row always has its file."""
-        if test_proba is not None:
-            self._save_predictions(row["cell_key"], test_proba)
+        """Store one finished cell, unless it is stored already: then row and predictions stay as they were.
+
+        The predictions file is written inside the row's transaction, after the insert and before the commit:
+        a cell that is already stored (the insert is ignored) leaves its file alone, and a writer killed in
+        between leaves no row, so a stored row always has its file. The insert holds SQLite's write lock until
+        the commit, so a concurrent put of the same cell waits, then finds the row and writes nothing.
+        """
         values = {k: _encode(k, row.get(k)) for k in COLUMNS}
         placeholders = ", ".join("?" for _ in values)
-        with self._connect() as db:
-            db.execute(
+        with self._connect() as db:  # commits on success, rolls the insert back if the file cannot be written
+            inserted = db.execute(
                 f"INSERT OR IGNORE INTO results ({', '.join(values)}) VALUES ({placeholders})",
                 tuple(values.values()),
-            )
+            ).rowcount
+            if inserted:
+                self._save_predictions(row["cell_key"], test_proba)
 
     def rows(self, **where: Any) -> list[dict[str, Any]]:
         clauses = " AND ".join(f"{k} = ?" for k in where)
@@ -112,16 +124,21 @@ class Store:
             return [_decode(r) for r in db.execute(sql, tuple(where.values()))]
 
     def predictions(self, cell_key: str) -> np.ndarray | None:
-        path = self.predictions_dir / f"{cell_key}.npz"
+        path = self._predictions_path(cell_key)
         return np.load(path)["test_proba"] if path.exists() else None
 
-    def _save_predictions(self, cell_key: str, proba: np.ndarray) -> None:
-        self.predictions_dir.mkdir(exist_ok=True)
-        final = self.predictions_dir / f"{cell_key}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.predictions_dir, suffix=".tmp.npz")
-        os.close(fd)
-        np.savez_compressed(tmp, test_proba=proba.astype(np.float32))
-        os.replace(tmp, final)
+    def _predictions_path(self, cell_key: str) -> Path:
+        return self.predictions_dir / f"{cell_key}.npz"
+
+    def _save_predictions(self, cell_key: str, proba: np.ndarray | None) -> None:
+        """The predictions of a newly stored cell; None removes a file left by a put that was killed before its
+        commit, so the new row is not paired with another run's predictions."""
+        path = self._predictions_path(cell_key)
+        if proba is None:
+            path.unlink(missing_ok=True)
+            return
+        # The suffix keeps numpy from appending ".npz" to the temporary name.
+        write_with(path, lambda tmp: np.savez_compressed(tmp, test_proba=proba.astype(np.float32)), suffix=".npz")
 
 
 def export_json(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
