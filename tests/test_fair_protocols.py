@@ -8,16 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medpretrain.budgets import Budget, select_validation
 from medpretrain.cli import app
 from medpretrain.data import load_dataset
+from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell
 from medpretrain.features import FeatureCache
 from medpretrain.inits import InitSpec
 from medpretrain.runner import plan_cells, pretrain_jobs
-from medpretrain.study import validate_study
+from medpretrain.study import load_study, validate_study
+from medpretrain.train import FinetuneConfig, StepPlan
 
 runner = CliRunner()
 
@@ -126,3 +129,26 @@ def test_evaluate_rows_record_n_val_steps_and_augmentation(tmp_path: Path) -> No
     assert ft["steps"] >= 12 and ft["chosen"]["lr"] in (1e-3, 1e-4)
     assert [s["lr"] for s in ft["extra"]["search"]] == [1e-3, 1e-4]
     assert rows["linear"]["config"]["params"] == {"bn_adapt": True}
+
+
+def test_resize_policies_keep_or_repeat_native_pixels() -> None:
+    native = load_dataset("retinamnist")
+    pad = load_dataset("retinamnist", image_size=64, resize="pad")
+    nearest = load_dataset("retinamnist", image_size=56, resize="nearest")
+    bilinear = load_dataset("retinamnist", image_size=64)
+    assert len({native.key, pad.key, nearest.key, bilinear.key}) == 4  # caches never mix policies
+    x = native.images["train"][:4]
+    assert torch.equal(pad.images["train"][:4, :, 18:46, 18:46], x)  # centred on a black canvas, unscaled
+    assert int(pad.images["train"][:4, :, :18].max()) == 0
+    assert torch.equal(nearest.images["train"][:4, :, ::2, ::2], x)  # each pixel repeated 2×2
+    with pytest.raises(MedpretrainError, match="pad only enlarges"):
+        load_dataset("retinamnist", image_size=16, resize="pad")
+
+
+def test_reproduction_preset_is_the_medmnist_v2_recipe() -> None:
+    study = load_study(preset="medmnist-v2")
+    cfg = FinetuneConfig(**study.finetune)
+    assert study.small_stem and study.inits == ["scratch"] and study.budgets.fractions == [1.0]
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.schedule) == ("adam", (1e-3,), 128, 100, "multistep")
+    assert cfg.milestones == (0.5, 0.75) and not cfg.augment and cfg.patience == 0
+    assert StepPlan.of(1080, cfg).eval_every == StepPlan.of(1080, cfg).steps_per_epoch  # best epoch on validation

@@ -133,6 +133,10 @@ def evaluate(
         str,
         typer.Option(help="full: the whole validation split; matched: the budget's proportion of it (stratified)."),
     ] = "full",
+    resize: Annotated[
+        str,
+        typer.Option(help="How images reach --image-size: bilinear, nearest (MedMNIST v2 224) or pad (MedMNIST+)."),
+    ] = "bilinear",
     hflip: Annotated[
         float | None,
         typer.Option(help="Flip probability of training views. Default: 0.5, or 0 when class names mark left/right."),
@@ -209,6 +213,7 @@ def evaluate(
                 params=finetune_params if proto == "finetune" else frozen_params,
                 validation=validation,
                 hflip=hflip,
+                resize=resize,
             )
         )
     store = Store(out)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from medpretrain.budgets import VALIDATION_POLICIES, Budget, select, select_validation
 from medpretrain.data import Dataset, load_dataset
+from medpretrain.data.images import RESIZE_MODES
 from medpretrain.errors import MedpretrainError
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
 from medpretrain.inits import InitSpec, checkpoint_meta, parse_init
@@ -60,6 +61,7 @@ class Cell:
     params: dict[str, Any] = field(default_factory=dict)
     validation: str = "full"  # full | matched: the validation split whole, or in the budget's proportion
     hflip: float | None = None  # flip probability of training views; None = the dataset's (0 with laterality)
+    resize: str = "bilinear"  # how images reach `image_size`: bilinear, nearest or pad (data.images.RESIZE_MODES)
     init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
     # "pretrained" when this study pre-trained the checkpoint itself (what it cost is the report's concern);
     # otherwise the init's own kind. Not part of the key: the same weights are the same init.
@@ -72,6 +74,8 @@ class Cell:
             )
         if self.hflip is not None and not 0 <= self.hflip <= 1:
             raise MedpretrainError(f"hflip {self.hflip} is not a probability", "use a value in [0, 1], e.g. 0")
+        if self.resize not in RESIZE_MODES:
+            raise MedpretrainError(f"unknown resize mode '{self.resize}'", f"choose one of: {', '.join(RESIZE_MODES)}")
 
     @cached_property
     def init_spec(self) -> InitSpec:
@@ -109,7 +113,9 @@ class Cell:
 
 
 def cell_dataset(cell: Cell, out_dir: Path) -> Dataset:
-    return load_dataset(cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits")
+    return load_dataset(
+        cell.dataset, size=cell.size, image_size=cell.image_size, split_dir=out_dir / "splits", resize=cell.resize
+    )
 
 
 def validation_subset(dataset: Dataset, policy: str, train_fraction: float, seed: int) -> np.ndarray | None:

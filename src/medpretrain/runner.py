@@ -115,6 +115,7 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str], Path]) -> list[C
                                 seed=seed,
                                 params=study.params_for(protocol),
                                 validation=study.validation,
+                                resize=study.resize,
                                 hflip=study.hflip,
                                 init_label=label,
                                 pretrained_here=isinstance(init, Pretraining),

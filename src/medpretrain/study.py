@@ -128,6 +128,7 @@ class Study(BaseModel):
     seeds: int = Field(3, ge=1)
     pretrain_seeds: int = Field(1, ge=1, description="pre-train each method N times; eval seed s uses s mod N")
     validation: Literal["full", "matched"] = "full"
+    resize: Literal["bilinear", "nearest", "pad"] = "bilinear"
     hflip: float | None = Field(None, ge=0, le=1, description="flip probability; default: the dataset's")
     finetune: dict[str, Any] = Field(default_factory=dict)
     linear: dict[str, Any] = Field(default_factory=dict)

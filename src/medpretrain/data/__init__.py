@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from medpretrain.data.base import SPLITS, Dataset, Task
 from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_folder, load_unlabeled_folder, scan
+from medpretrain.data.images import RESIZE_MODES, resize_images
 from medpretrain.data.medmnist import (
     MEDMNIST_FLAGS,
     DatasetInfo,
@@ -68,8 +70,21 @@ def _subset_memo(
     return take_subset(full, dict(limits))
 
 
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _resized_memo(spec: str, size: int, split_dir: Path | None, seed: int, image_size: int, mode: str) -> Dataset:
+    """The natively loaded `spec` brought to `image_size` by `mode`; its key says how, so caches never mix
+    resize policies."""
+    native = load_dataset(spec, size=size, split_dir=split_dir, seed=seed)
+    try:
+        images = {split: resize_images(x, image_size, mode) for split, x in native.images.items()}
+    except ValueError as err:
+        raise MedpretrainError(str(err), "use resize: bilinear, or an image size at least the native one") from None
+    return replace(native, images=images, image_size=image_size, key=f"{native.key}-{mode}{image_size}")
+
+
 def clear_cache() -> None:
     """Forget memoised data sets (tests, or after files changed in ways size/mtime do not show)."""
+    _resized_memo.cache_clear()
     _load_medmnist_memo.cache_clear()
     _load_folder_memo.cache_clear()
     _subset_memo.cache_clear()
@@ -118,6 +133,7 @@ def load_dataset(
     image_size: int | None = None,
     split_dir: Path | None = None,
     seed: int = 0,
+    resize: str = "bilinear",
 ) -> Dataset:
     """Load a MedMNIST flag (at native `size`) or a path (image folder or CSV manifest).
 
@@ -128,6 +144,11 @@ def load_dataset(
     """
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise MedpretrainError(f"Invalid image size {image_size!r}", "use a positive number of pixels, e.g. 224")
+    if resize not in RESIZE_MODES:
+        raise MedpretrainError(f"unknown resize mode '{resize}'", f"choose one of: {', '.join(RESIZE_MODES)}")
+    if resize != "bilinear" and image_size is not None:
+        # Loaded natively, then brought to size by the chosen policy (memoised, like every load).
+        return _resized_memo(os.fspath(spec), size, split_dir, seed, image_size, resize)
     text = os.fspath(spec)
     base, limits = parse_subset(text)
     if limits:

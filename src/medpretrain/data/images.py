@@ -216,3 +216,27 @@ def _resize_chunk(x: torch.Tensor, size: int) -> torch.Tensor:
     except (RuntimeError, NotImplementedError):
         y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# How a dataset reaches the network's input size. "bilinear" (antialiased) is the default; "nearest" is MedMNIST
+# v2's 224-px column (each pixel repeated); "pad" centres the native image on a black canvas (MedMNIST+'s
+# frozen-feature protocol), so the network sees the original pixels, unscaled.
+RESIZE_MODES = ("bilinear", "nearest", "pad")
+
+
+def resize_images(images: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """N×C×H×W uint8 to N×C×size×size uint8 by `mode` (see RESIZE_MODES)."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode '{mode}'; choose one of {', '.join(RESIZE_MODES)}")
+    if mode == "bilinear":
+        return resize_uint8(images, size)
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    if mode == "nearest":
+        # nearest-exact: pixel centres map to the nearest source centre (torch's "nearest" is off by half a pixel).
+        return F.interpolate(images, size=(size, size), mode="nearest-exact")
+    if h > size or w > size:
+        raise ValueError(f"cannot pad {h}×{w} images to {size} px: pad only enlarges; use bilinear or a larger size")
+    top, left = (size - h) // 2, (size - w) // 2
+    return F.pad(images, (left, size - w - left, top, size - h - top), value=0)

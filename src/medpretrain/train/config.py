@@ -52,6 +52,7 @@ class FinetuneConfig(BaseModel):
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     rotation: float = Field(10.0, ge=0, le=180)
     jitter: float = Field(0.1, ge=0, lt=1)
+    precision: str = "auto"  # Lightning precision; "auto" = fp32 on CPU, mixed on GPU (train.trainer)
     eval_batch_size: int = Field(512, ge=1)
     train_eval_max: int = Field(5_000, ge=1)
 
@@ -66,6 +67,15 @@ class FinetuneConfig(BaseModel):
         if not values or any(v <= 0 for v in values):
             raise ValueError(f"lr must be a positive number or a non-empty list of them, got {list(values)}")
         return tuple(dict.fromkeys(values))
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        from medpretrain.train.trainer import PRECISIONS
+
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{value}'")
+        return value
 
     @field_validator("milestones")
     @classmethod

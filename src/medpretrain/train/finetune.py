@@ -157,6 +157,7 @@ def _fit_one(
         max_epochs=-1,
         max_steps=plan.total_steps,
         max_time=cfg.max_time,
+        precision=cfg.precision,
         devices=1,
         progress=progress,
         val_check_interval=plan.eval_every,
