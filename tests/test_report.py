@@ -40,7 +40,7 @@ from medpretrain.summary import SUMMARY_METRICS, budget_label
 SPEC = "pneumoniamnist[train=200,val=100,test=200]"
 BACKBONE = "efficientnet_lite0"
 INITS = ("scratch", "imagenet")
-PROTOCOLS: dict[str, dict[str, Any]] = {"linear": {}, "finetune": {"epochs": 1}}
+PROTOCOLS: dict[str, dict[str, Any]] = {"linear": {}, "finetune": {"epochs": 1, "min_steps": 0, "lr": 1e-3}}
 FRACTIONS = (0.25, 1.0)
 SEEDS = (0, 1)  # the runner's seeds: range(study.seeds)
 INIT_LABELS = ("scratch", "ImageNet")

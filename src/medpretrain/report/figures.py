@@ -105,7 +105,8 @@ def curves(run: Run) -> list[dict[str, Any]]:
 
 
 def finetune_curves(run: Run, rows: list[dict[str, Any]], arms: list[str]) -> tuple[str, list[str]]:
-    """Per-epoch train/validation loss and accuracy of each arm's largest budget, lowest seed; (PNG, what is shown)."""
+    """Train/validation loss and accuracy at each validation point of each arm's largest budget, lowest seed,
+    against optimiser steps (rows of the epoch-based protocol version: epochs); (PNG, what is shown)."""
     fig = figure(10, 3.6)
     ax_loss, ax_acc = fig.subplots(1, 2)
     shown = []
@@ -115,8 +116,9 @@ def finetune_curves(run: Run, rows: list[dict[str, Any]], arms: list[str]) -> tu
         row = min((r for r in mine if r["n_labeled"] == most), key=lambda r: r["seed"])
         shown.append(f"{arm}: {row['budget']} ({row['n_labeled']} labels), seed {row['seed']}")
         hist = row["history"]
-        epochs = [h.get("epoch") for h in hist]
-        best_epoch = (row.get("chosen") or {}).get("epoch")
+        unit = "step" if all("step" in h for h in hist) else "epoch"
+        epochs = [h.get(unit) for h in hist]
+        best_epoch = (row.get("chosen") or {}).get(unit)
         for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc")):
             for side, style in (("train", "-"), ("val", "--")):
                 values = [h.get(f"{side}_{metric}") for h in hist]
@@ -126,10 +128,11 @@ def finetune_curves(run: Run, rows: list[dict[str, Any]], arms: list[str]) -> tu
                 v = hist[epochs.index(best_epoch)].get(f"val_{metric}")
                 if v is not None:
                     ax.plot([best_epoch], [v], marker="*", markersize=12, color=run.colors[arm], linestyle="")
+    steps = all("step" in h for r in rows for h in (r.get("history") or []))
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("optimiser step" if steps else "epoch")
         ax.set_ylabel(name)
-        ax.set_title(f"{name} (solid: train, dashed: validation, ★: kept epoch)", fontsize=9)
+        ax.set_title(f"{name} (solid: train, dashed: validation, ★: kept weights)", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     _legend(fig, run, arms)

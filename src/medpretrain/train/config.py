@@ -47,7 +47,6 @@ class FinetuneConfig(BaseModel):
     class_weighted: bool = False
     augment: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    num_workers: int = Field(0, ge=0)
     max_time: float | None = Field(None, gt=0)
     crop_scale_min: float = Field(0.8, gt=0, le=1)
     rotation: float = Field(10.0, ge=0, le=180)
