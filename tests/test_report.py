@@ -511,3 +511,13 @@ def test_embeddings_fall_back_to_the_bn_adapted_features_a_probe_used(run_dir: P
     page = parse(build_report(tmp_path).read_text(encoding="utf-8"))
     assert len(section(page, "embeddings").find_all("img")) == 1
     assert "Not shown" not in section(page, "embeddings").text()
+
+
+def test_report_states_how_protocols_treated_the_inits(page: Node) -> None:
+    """The fairness claims come from what the cells recorded: the fine-tuning lr grid and steps, BatchNorm
+    statistics and flips."""
+    notes = [p.text() for p in section(page, "config").find_all("p", **{"class": "protocol-note"})]
+    fine = next(n for n in notes if n.startswith("Fine-tuning:"))
+    assert "same learning-rate grid (0.001, chosen on validation)" in fine and "steps taken:" in fine
+    assert any(n.startswith("Frozen features: each initialisation keeps its own BatchNorm") for n in notes)
+    assert any(n.startswith("Horizontal flips on pneumoniamnist") and "p = 0.5," in n for n in notes), notes

@@ -111,6 +111,7 @@ def config(run: Run) -> dict[str, Any]:
     return {
         "study": study_text,
         "validation": validation(run),
+        "protocols": protocols(run),
         "versions": versions,
         "versions_source": versions_source,
         "hardware": [yaml.safe_dump(h, sort_keys=False, default_flow_style=False) for h in distinct_hw],
@@ -137,3 +138,82 @@ def planned_cells(study: Any) -> int | None:
     if not isinstance(n_seeds, int) or not all(isinstance(v, list) for v in lists):
         return None
     return math.prod(len(v) for v in lists) * n_budgets * n_seeds  # type: ignore[arg-type]
+
+
+def _span(values: list[int]) -> str:
+    values = sorted(values)
+    if not values:
+        return "not recorded"
+    return str(values[0]) if values[0] == values[-1] else f"{values[0]}–{values[-1]} (median {int(np.median(values))})"
+
+
+def protocols(run: Run) -> list[str]:
+    """How each protocol treated the initialisations, read from the rows, and what still differs between them.
+
+    Equal treatment is the claim a comparison rests on, so the report states it from what the cells recorded
+    (their parameters, steps and flips), not from today's defaults; what is not equal is said outright.
+    """
+    from medpretrain.train import FinetuneConfig
+
+    sentences = []
+    by_protocol: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in run.rows:
+        by_protocol[r["protocol"]].append(r)
+    tuned = by_protocol.get("finetune", [])
+    if tuned:
+        stepped = [r for r in tuned if r.get("steps") is not None]
+        if stepped:
+            params = (stepped[0].get("config") or {}).get("params") or {}
+            cfg = FinetuneConfig(**{k: v for k, v in params.items() if k in FinetuneConfig.model_fields})
+            grid = ", ".join(f"{lr:g}" for lr in cfg.lr)
+            sentences.append(
+                f"Fine-tuning: every initialisation trained with the same schedule and the same learning-rate grid "
+                f"({grid}, chosen on validation), at least {cfg.min_steps} optimiser steps or {cfg.epochs} epochs, "
+                f"whichever is longer, stopped after {cfg.patience} validations without a better validation AUC "
+                f"(steps taken: {_span([int(r['steps']) for r in stepped])})."
+                + (
+                    f" Pre-trained backbones learn at {cfg.pretrained_backbone_lr_scale:g}× the head's rate."
+                    if cfg.pretrained_backbone_lr_scale != 1
+                    else ""
+                )
+            )
+        if len(stepped) < len(tuned):
+            sentences.append(
+                f"{len(tuned) - len(stepped)} fine-tuning cells come from the older epoch-based protocol (a fixed "
+                "number of epochs, so few optimiser steps at small budgets): they under-train small budgets."
+            )
+    frozen = [r for p, rows in by_protocol.items() if p != "finetune" for r in rows]
+    if frozen:
+        adapted = {bool(((r.get("config") or {}).get("params") or {}).get("bn_adapt")) for r in frozen}
+        if adapted == {True}:
+            sentences.append(
+                "Frozen features: BatchNorm statistics were re-estimated on the training images for every "
+                "initialisation alike (bn_adapt)."
+            )
+        else:
+            sentences.append(
+                "Frozen features: each initialisation keeps its own BatchNorm statistics (bn_adapt off"
+                + (" for some cells" if adapted == {True, False} else "")
+                + "); a network pre-trained on other images normalises these ones with foreign statistics."
+                + (
+                    " SparK alone re-estimates its statistics after pre-training, because its masked training "
+                    "corrupted them; that restores a dense network and adapts nothing else."
+                    if any("spark" in str(r.get("init", "")).lower() for r in frozen)
+                    else ""
+                )
+            )
+    flips = {}
+    for r in run.rows:
+        flip = (r.get("augmentation") or {}).get("hflip")
+        if flip is not None:
+            flips.setdefault(r["dataset"], set()).add(float(flip))
+    for dataset, values in flips.items():
+        off = " (off: its class names mark left/right)" if values == {0.0} else ""
+        sentences.append(f"Horizontal flips on {dataset}: p = {_counts(values)}{off}, in fine-tuning and pre-training.")
+    study = run.study if isinstance(run.study, dict) else {}
+    if any(isinstance(i, dict) for i in study.get("inits") or []) and int(study.get("pretrain_seeds") or 1) == 1:
+        sentences.append(
+            "Each self-supervised method was pre-trained once (pretrain_seeds: 1), so its intervals do not include "
+            "pre-training variance; the seeds vary the labelled subset, the head and fine-tuning only."
+        )
+    return sentences
