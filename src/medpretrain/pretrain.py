@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import torch
 from lightly.utils.debug import std_of_l2_normalized
 from torch.utils.data import DataLoader, TensorDataset
 
+from medpretrain.atomic import write_text, write_with
 from medpretrain.data import load_unlabeled
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
@@ -141,7 +140,7 @@ class PretrainModule(pl.LightningModule):
             }
         )
         if self.trainer.is_global_zero:
-            _atomic_write_text(self.log_path, json.dumps(self.history, indent=1))
+            write_text(self.log_path, json.dumps(self.history, indent=1))
         # Saved here, after the history is updated, so the file always holds every finished epoch.
         _atomic_trainer_save(self.trainer, self.resume_path)
 
@@ -152,19 +151,14 @@ class PretrainModule(pl.LightningModule):
         self.history = list(checkpoint.get("medpretrain_history", []))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _atomic_trainer_save(trainer: pl.Trainer, path: Path) -> None:
     """Lightning writes in place; a kill during the write would corrupt the only resume point."""
-    tmp = path.with_suffix(".tmp")
-    trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
     if trainer.is_global_zero:
-        os.replace(tmp, path)
+        write_with(path, trainer.save_checkpoint)
+    else:
+        # Collective under DDP: every rank takes part but only rank 0 writes. The other ranks must not make a
+        # temporary file of their own: it would stay empty and be renamed over the checkpoint.
+        trainer.save_checkpoint(path)
 
 
 def _finished_epochs(path: Path) -> int:
@@ -256,11 +250,17 @@ def pretrain(
         method.finalize(images, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         backbone.cpu()
         identity = request.identity(data_key)
-        tmp = final.with_suffix(".tmp")
-        save_checkpoint(
-            tmp, backbone, image_size=request.image_size, method=request.method, config=identity, history=module.history
+        write_with(
+            final,
+            partial(
+                save_checkpoint,
+                backbone=backbone,
+                image_size=request.image_size,
+                method=request.method,
+                config=identity,
+                history=module.history,
+            ),
         )
-        os.replace(tmp, final)
         resume_path.unlink(missing_ok=True)
     last = module.history[-1] if module.history else {}
     if last and not math.isfinite(last.get("loss", 0.0)):

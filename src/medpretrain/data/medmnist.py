@@ -6,10 +6,10 @@ package's `INFO`, so a new release of that package is picked up without edits he
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from medmnist.info import INFO
 
+from medpretrain.atomic import atomic_path, write_json
 from medpretrain.data.base import SPLITS, Dataset, Task
 from medpretrain.data.images import resize_uint8
 from medpretrain.errors import MedpretrainError
@@ -179,14 +180,9 @@ def _read_record(path: Path, stat: os.stat_result) -> str | None:
 def _write_record(path: Path, stat: os.stat_result, md5: str) -> None:
     record = _record_path(path)
     payload = {"file": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "md5": md5}
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh)
-        os.replace(tmp, record)  # atomic: a concurrent reader sees the old record or the new one
-    except OSError:
-        pass  # an unwritable cache only costs a re-hash next time
+    # An unwritable cache only costs a re-hash next time. Atomic: a concurrent reader sees the old record or the new.
+    with contextlib.suppress(OSError):
+        write_json(record, payload, indent=None)
 
 
 def verify_file(path: Path, expected_md5: str) -> None:
@@ -218,13 +214,11 @@ def _download(url: str, dest: Path, expected_md5: str) -> None:
     """Stream to a temporary file in the same folder, check md5, then rename atomically into place."""
     from tqdm.auto import tqdm
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     h = hashlib.md5(usedforsecurity=False)
-    try:
+    # A failed or corrupt download raises inside the block: the partial file is removed, `dest` never appears.
+    with atomic_path(dest, suffix=".part") as tmp:
         request = urllib.request.Request(url, headers={"User-Agent": "medpretrain"})
-        with urllib.request.urlopen(request, timeout=60) as response, os.fdopen(fd, "wb") as out:
+        with urllib.request.urlopen(request, timeout=60) as response, tmp.open("wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):
@@ -236,9 +230,6 @@ def _download(url: str, dest: Path, expected_md5: str) -> None:
                 f"Downloaded {url} has md5 {h.hexdigest()}, expected {expected_md5}",
                 f"try again later, or download it by hand into {dest}",
             )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     stat = dest.stat()
     _write_record(dest, stat, expected_md5)
     _VERIFIED[(str(dest.resolve()), stat.st_size, stat.st_mtime_ns)] = expected_md5

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from medpretrain.atomic import write_json
 from medpretrain.errors import MedpretrainError
 
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -74,7 +73,6 @@ def load_split(path: Path, rel_paths: Sequence[str]) -> dict[str, list[str]] | N
 
 def save_split(path: Path, splits: dict[str, list[str]], *, seed: int, source: str) -> None:
     """Write atomically so a concurrent reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": SPLIT_FORMAT,
         "source": source,
@@ -82,11 +80,4 @@ def save_split(path: Path, splits: dict[str, list[str]], *, seed: int, source: s
         "fractions": DEFAULT_FRACTIONS,
         "splits": splits,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, payload, indent=1)
