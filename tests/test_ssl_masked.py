@@ -283,7 +283,28 @@ def test_vae_resnet18_28px(blood: torch.Tensor) -> None:
     assert float(method.kl_weight) == pytest.approx(0.25)
     with torch.no_grad():
         recon = torch.sigmoid(method.decode_logits(torch.randn(2, 128)))
-    assert recon.shape == (2, 3, 28, 28) and 0 <= float(recon.min()) <= float(recon.max()) <= 1
+    assert recon.shape == (2, 3, 28, 28)
+
+
+def test_vae_reconstruction_improves_on_a_fixed_batch(blood: torch.Tensor) -> None:
+    # The decoder is wired to the images it reconstructs: a few optimiser steps on one fixed batch lower the
+    # reconstruction error well below where it started (a detached or mis-shaped target would not).
+    torch.manual_seed(0)
+    method = VAE(create_backbone("resnet18"), VAEConfig(), channels=3, image_size=28)
+    method.kl_weight.fill_(0.0)  # the loss is then the reconstruction term alone
+    x = blood[:8].float() / 255
+    optimizer = method.configure_optimizers(5, 5)["optimizer"]
+
+    def reconstruction_loss() -> torch.Tensor:
+        torch.manual_seed(1)  # the same posterior sample at every evaluation
+        return method.step([x]).loss
+
+    first = float(reconstruction_loss().detach())
+    for _ in range(5):
+        optimizer.zero_grad()
+        reconstruction_loss().backward()
+        optimizer.step()
+    assert float(reconstruction_loss().detach()) < 0.9 * first
 
 
 def test_vae_loss_is_the_negative_elbo(blood: torch.Tensor) -> None:
