@@ -31,6 +31,7 @@ from medpretrain.data import load_dataset
 from medpretrain.inits import build_model
 from medpretrain.pretrain import PretrainModule
 from medpretrain.ssl import get_method, method_config
+from medpretrain.ssl.base import TrainingClock
 from medpretrain.train import make_trainer, quiet_lightning, resolve_precision
 
 # SparK needs a feature grid larger than 1×1: at 28 px that is the ResNet small stem.
@@ -85,6 +86,7 @@ def _train_steps(model: Any, batches: Any, steps: int, warmup: int, batch_size: 
     """The training step Lightning runs, by hand, on the same device and under the same autocast."""
     dev = device()
     model.to(dev)
+    model.start(TrainingClock(total_steps=10_000, steps_per_epoch=100))  # what the real loop hands over first
     opt = model.configure_optimizers(total_steps=10_000, steps_per_epoch=100)["optimizer"]
     half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed")

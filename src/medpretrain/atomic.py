@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on normal exit it replaces `path`, on error it is removed.
@@ -28,6 +37,9 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
     os.close(fd)
     tmp = Path(name)
+    # mkstemp makes the file private (0600); a plain open() would honour the umask (usually 0644), and shared
+    # caches (checkpoints, features, reports) must stay readable by the other users of a machine.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 from tqdm.auto import tqdm
 
-from medpretrain.atomic import atomic_path
+from medpretrain.atomic import write_text
 from medpretrain.report import figures, provenance, tables
 from medpretrain.report.recommend import recommend
 from medpretrain.report.run import Run
@@ -100,7 +100,4 @@ def build_report(out_dir: Path, *, progress: bool = False) -> Path:
         )
     )
     path = out_dir / REPORT_NAME
-    with atomic_path(path) as tmp:
-        tmp.write_text(html, encoding="utf-8")
-        tmp.chmod(0o644)  # the temporary file is private; a report is meant to be shared and served
-    return path
+    return write_text(path, html)  # readable as the umask allows: a report is meant to be shared and served
