@@ -152,3 +152,30 @@ def test_reproduction_preset_is_the_medmnist_v2_recipe() -> None:
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.schedule) == ("adam", (1e-3,), 128, 100, "multistep")
     assert cfg.milestones == (0.5, 0.75) and not cfg.augment and cfg.patience == 0
     assert StepPlan.of(1080, cfg).eval_every == StepPlan.of(1080, cfg).steps_per_epoch  # best epoch on validation
+
+
+def test_every_view_of_a_method_follows_the_flip_policy() -> None:
+    from medpretrain.augment import ViewRecipe
+    from medpretrain.backbones import create_backbone
+    from medpretrain.ssl import get_method, method_config
+
+    for name in ("simclr", "dino", "swav", "vae"):
+        method = get_method(name)(create_backbone("resnet18"), method_config(name, {}), channels=1, image_size=28)
+        method.set_hflip(0.0)
+        recipes = [v for value in vars(method).values() for v in (value if isinstance(value, tuple | list) else [value])
+                   if isinstance(v, ViewRecipe)]  # fmt: skip
+        assert recipes and all(r.hflip == 0.0 for r in recipes), name
+
+
+def test_pretraining_on_lateral_classes_does_not_flip(tmp_path: Path) -> None:
+    from medpretrain.pretrain import PretrainRequest, pretrain
+
+    hp = {"batch_size": 32}
+    organ = PretrainRequest(dataset="organamnist[train=64,val=11,test=11]", method="simclr", epochs=1, hparams=hp)
+    path = pretrain(organ, tmp_path, progress=False, log=lambda _: None)
+    assert organ.hflip == 0.0
+    stored = torch.load(path, map_location="cpu", weights_only=False)["config"]
+    assert stored["hflip"] == 0.0
+    blood = PretrainRequest(dataset="bloodmnist[train=64,val=8,test=8]", method="simclr", epochs=1, hparams=hp)
+    pretrain(blood, tmp_path, progress=False, log=lambda _: None)
+    assert blood.hflip == 0.5 and "hflip" not in blood.identity("k")  # checkpoint names from before are kept

@@ -282,6 +282,10 @@ def pretrain(
             help="auto (mixed on GPU, fp32 on CPU), 32-true, bf16-mixed (also on CPUs with bf16 units) or 16-mixed."
         ),
     ] = "auto",
+    hflip: Annotated[
+        float | None,
+        typer.Option(help="Flip probability of the views. Default: 0.5; 0 when --dataset's classes mark left/right."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Folder for checkpoints and logs.")] = Path("runs/ssl"),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of the same request.")] = False,
     restart: Annotated[bool, typer.Option(help="Discard an interrupted run of the same request.")] = False,
@@ -294,7 +298,7 @@ def pretrain(
     from medpretrain.backbones import get_spec
     from medpretrain.data import check_spec
     from medpretrain.inits import parse_init
-    from medpretrain.pretrain import PretrainRequest
+    from medpretrain.pretrain import PretrainRequest, source_hflip
     from medpretrain.pretrain import pretrain as run_pretraining
     from medpretrain.ssl import method_config
 
@@ -318,6 +322,10 @@ def pretrain(
         seed=seed,
         hparams=hparams,
         precision=precision,
+        # With another source, the target's laterality still forbids flips (the source's own is checked later).
+        hflip=hflip
+        if hflip is not None or unlabeled_from is None
+        else (0.0 if source_hflip(dataset, size, out / "splits") == 0 else None),
     )
     path = run_pretraining(request, out, resume=resume, restart=restart, progress=progress, log=log)
     print(path)

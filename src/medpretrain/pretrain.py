@@ -26,7 +26,8 @@ from lightly.utils.debug import std_of_l2_normalized
 from torch.utils.data import DataLoader, TensorDataset
 
 from medpretrain.atomic import write_text, write_with
-from medpretrain.data import load_unlabeled
+from medpretrain.data import load_dataset, load_unlabeled
+from medpretrain.data.base import DEFAULT_HFLIP
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
 from medpretrain.runtime import stable_hash
@@ -50,10 +51,13 @@ class PretrainRequest:
     seed: int = 0
     hparams: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"
+    hflip: float | None = None  # flip probability of the views; None: the source's (0 if classes mark left/right)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise MedpretrainError(f"epochs must be at least 1, got {self.epochs}", "use e.g. --epochs 50")
+        if self.hflip is not None and not 0 <= self.hflip <= 1:
+            raise MedpretrainError(f"hflip {self.hflip} is not a probability", "use a value in [0, 1], e.g. 0")
         resolve_precision(self.precision)
 
     @cached_property
@@ -68,6 +72,8 @@ class PretrainRequest:
             # The machine's default (fp32 on CPU, mixed on GPU) is not a choice of the user's, and leaving it
             # out keeps the names of checkpoints made before precision could be chosen.
             ident.pop("precision")
+        if self.hflip is None or self.hflip == DEFAULT_HFLIP:
+            ident.pop("hflip")  # the views every checkpoint made before flips could be chosen: names are kept
         ident.update(dataset=dataset_key, config=self.config, init=parse_init(self.init).key)
         return ident
 
@@ -166,6 +172,15 @@ def _finished_epochs(path: Path) -> int:
     return int(state.get("epoch", 0)) + 1
 
 
+def source_hflip(spec: str, size: int, split_dir: Path) -> float:
+    """The flip probability for pre-training on `spec`: the dataset's own (0 where class names mark left/right),
+    or the default for a folder of unlabelled images, which has no class names to tell."""
+    try:
+        return load_dataset(spec, size=size, split_dir=split_dir).default_hflip
+    except MedpretrainError:
+        return DEFAULT_HFLIP
+
+
 def pretrain(
     request: PretrainRequest,
     out_dir: str | Path,
@@ -187,6 +202,8 @@ def pretrain(
     data_name, data_key, images = load_unlabeled(
         request.dataset, size=request.size, image_size=request.image_size, split_dir=out_dir / "splits"
     )
+    if request.hflip is None:
+        request.hflip = source_hflip(request.dataset, request.size, out_dir / "splits")
     config = method_config(request.method, request.hparams)
     if len(images) < config.batch_size:
         raise MedpretrainError(
@@ -225,6 +242,7 @@ def pretrain(
             f"use a backbone of family {', '.join(method_cls.backbone_families)}",
         )
     method = method_cls(backbone, config, channels=int(images.shape[1]), image_size=request.image_size)
+    method.set_hflip(request.hflip)
     module = PretrainModule(method, seed=request.seed, log_path=log_path, resume_path=resume_path)
     pl.seed_everything(request.seed, workers=True, verbose=False)
     loader = DataLoader(

@@ -61,6 +61,17 @@ def budgets_of(study: Study) -> list[Budget]:
     ]
 
 
+def pretrain_hflip(study: Study, dataset: str) -> float | None:
+    """The study's flip probability; else 0 when the *evaluation* dataset's classes mark left/right (flipped
+    pre-training would teach invariance to the side those classes differ by, whatever the source), else None:
+    the pre-training source's own policy."""
+    if study.hflip is not None:
+        return study.hflip
+    from medpretrain.data import load_dataset
+
+    return 0.0 if load_dataset(dataset, size=study.size).default_hflip == 0 else None
+
+
 def pretrain_jobs(study: Study) -> list[PretrainJob]:
     """One job per (dataset, pre-training init, pre-training seed); seed k is the init's seed + k."""
     jobs = []
@@ -80,6 +91,7 @@ def pretrain_jobs(study: Study) -> list[PretrainJob]:
                     small_stem=study.small_stem,
                     seed=init.seed + k,
                     hparams=dict(init.hparams),
+                    hflip=pretrain_hflip(study, dataset),
                 )
                 jobs.append(PretrainJob(dataset=dataset, label=init.display, request=request, replicate=k))
     return jobs

@@ -100,6 +100,20 @@ class Method(nn.Module, ABC):
             self.register_buffer("optimizer_steps", torch.zeros((), dtype=torch.long))
             self.register_buffer("steps_per_epoch", torch.zeros((), dtype=torch.long))
 
+    def set_hflip(self, probability: float) -> None:
+        """Use `probability` for the horizontal flip of every view this method makes.
+
+        Methods build their views with the usual 0.5; datasets whose classes mark laterality (left/right organs)
+        need 0, or pre-training teaches the network to ignore the side that tells two classes apart. Done here
+        once for every method rather than as a field of each config: the flip is the data's property, not a
+        hyper-parameter of the method.
+        """
+        for name, value in list(vars(self).items()):
+            if isinstance(value, ViewRecipe):
+                setattr(self, name, value.with_(hflip=probability))
+            elif isinstance(value, tuple | list) and value and all(isinstance(v, ViewRecipe) for v in value):
+                setattr(self, name, type(value)(v.with_(hflip=probability) for v in value))
+
     def start(self, clock: TrainingClock) -> None:
         """Called by the training loop before the first step (again on resume) with the length of the run."""
         self.clock = clock
