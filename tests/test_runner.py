@@ -126,7 +126,7 @@ def test_plan_orders_pretraining_and_features_once(tmp_path: Path):
     from medpretrain.inits import save_checkpoint
 
     save_checkpoint(fake, create_backbone("resnet18"), image_size=28, method="simclr")
-    cells = plan_cells(study, {(jobs[0].dataset, jobs[0].label): fake})
+    cells = plan_cells(study, {(jobs[0].dataset, jobs[0].label, jobs[0].replicate): fake})
     assert len(cells) == N_CELLS and len({c.key for c in cells}) == N_CELLS
     # Feature-based protocols of an init run back to back (one extraction), before its fine-tuning cells.
     order = [(c.init_name, c.protocol) for c in cells]
