@@ -20,25 +20,34 @@ import numpy as np
 import torch
 
 import medpretrain.ssl  # noqa: F401  (registers the methods)
-from medpretrain.budgets import Budget
 from medpretrain.cli import parse_hparams
 from medpretrain.data import load_dataset
-from medpretrain.evaluate import Cell, run_cells
 from medpretrain.pretrain import PretrainRequest, pretrain
+from medpretrain.runner import run_study
 from medpretrain.stats import paired_comparison
 from medpretrain.store import Store
+from medpretrain.study import validate_study
 
 # Settings a method needs at 28 px: SparK a feature grid larger than 1×1, MAE a ViT with 4-px patches.
 SETTINGS = {"spark": ("resnet18", True), "mae": ("vit_tiny", True)}
 
 
 def probe(init: str, backbone: str, small_stem: bool, args: argparse.Namespace, store: Store) -> list[dict]:
-    cells = [
-        Cell(args.dataset, 28, args.image_size, backbone, small_stem, init, "linear", Budget(fraction=f), seed)
-        for f in args.fractions
-        for seed in range(args.seeds)
-    ]
-    return run_cells(cells, store, progress=False, log=lambda _: None)
+    """The linear probe of one init, through the tool's own planner and runner (stored cells are reused)."""
+    study = validate_study(
+        {
+            "datasets": [args.dataset],
+            "image_size": args.image_size,
+            "backbone": backbone,
+            "small_stem": small_stem,
+            "inits": [init],
+            "protocols": ["linear"],
+            "budgets": {"fractions": list(args.fractions)},
+            "seeds": args.seeds,
+        },
+        "bench",
+    )
+    return run_study(study, store.out_dir, progress=False, log=lambda _: None).rows
 
 
 def mean_metrics(rows: list[dict], args: argparse.Namespace) -> dict:

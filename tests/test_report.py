@@ -518,6 +518,6 @@ def test_report_states_how_protocols_treated_the_inits(page: Node) -> None:
     statistics and flips."""
     notes = [p.text() for p in section(page, "config").find_all("p", **{"class": "protocol-note"})]
     fine = next(n for n in notes if n.startswith("Fine-tuning:"))
-    assert "same learning-rate grid (0.001, chosen on validation)" in fine and "steps taken:" in fine
+    assert "one learning rate (0.001, not tuned)" in fine and "steps taken:" in fine
     assert any(n.startswith("Frozen features: each initialisation keeps its own BatchNorm") for n in notes)
     assert any(n.startswith("Horizontal flips on pneumoniamnist") and "p = 0.5," in n for n in notes), notes

@@ -6,7 +6,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from itertools import product
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -145,16 +144,23 @@ def evaluate(
         "runs/latest"
     ),
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as a JSON list here.")] = None,
+    executor: Annotated[str, typer.Option(help="local (in this process) or ray (one task per cell).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: a local Ray instance.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db."""
+    """Evaluate initializations on a dataset at label budgets; results go to <out>/results.db.
+
+    The options become a study (the same planner, cell keys and executors as `medpretrain run`), so
+    `--executor ray` works here too and `medpretrain report <out>` reports the result.
+    """
     from medpretrain.backbones import get_spec
     from medpretrain.budgets import Budget
     from medpretrain.data import check_spec
-    from medpretrain.evaluate import Cell, resolve_image_size, run_cells
     from medpretrain.inits import checkpoint_meta, parse_init
     from medpretrain.protocols import get_protocol
-    from medpretrain.store import Store, export_json
+    from medpretrain.runner import run_study
+    from medpretrain.store import export_json
+    from medpretrain.study import validate_study
     from medpretrain.summary import print_summary
 
     # Everything checkable without data fails here, before the progress bar and before any image is read.
@@ -162,10 +168,9 @@ def evaluate(
     for name in protocol:
         get_protocol(name)
     get_spec(backbone)
-    budgets = [Budget(fraction=f, imbalance=imbalance) for f in fraction] + [
-        Budget(shots=k, imbalance=imbalance) for k in shots
-    ]
-    if not budgets:
+    for budget_kw in [{"fraction": f} for f in fraction] + [{"shots": k} for k in shots]:
+        Budget(**budget_kw, imbalance=imbalance)
+    if not fraction and not shots:
         raise MedpretrainError("no label budget given", "add --fraction 1.0 (all labels) or --shots 10")
     finetune_params = {
         k: v
@@ -192,36 +197,36 @@ def evaluate(
                 "give each init once; a pre-training checkpoint is keyed by its request, not its bytes",
             )
         seen[key] = init_text
-    dataset_spec = str(Path(dataset).resolve()) if Path(dataset).exists() else dataset
-    cells = []
-    for init_text, proto, budget, seed in product(init, protocol, budgets, range(seeds)):
-        spec = parse_init(init_text)
-        stem = (
-            small_stem if small_stem is not None else bool(spec.path and checkpoint_meta(spec.path).get("small_stem"))
+    check_executor(executor)
+    stems = {bool(checkpoint_meta(p).get("small_stem")) for p in (parse_init(t).path for t in init) if p}
+    if small_stem is None and len(stems) > 1:
+        raise MedpretrainError(
+            "the checkpoints were trained with different stems", "choose one: --small-stem or --standard-stem"
         )
-        cells.append(
-            Cell(
-                dataset=dataset_spec,
-                size=size,
-                image_size=resolve_image_size(image_size, spec, size),
-                backbone=backbone,
-                small_stem=stem,
-                init=init_text,
-                protocol=proto,
-                budget=budget,
-                seed=seed,
-                params=finetune_params if proto == "finetune" else frozen_params,
-                validation=validation,
-                hflip=hflip,
-                resize=resize,
-            )
-        )
-    store = Store(out)
-    rows = run_cells(cells, store, progress=progress, log=log)
-    print_summary(rows, console)
-    console.print(f"results: {store.path}")
+    study = validate_study(
+        {
+            "name": "evaluate",
+            "datasets": [str(Path(dataset).resolve()) if Path(dataset).exists() else dataset],
+            "size": size,
+            "backbone": backbone,
+            "image_size": image_size,
+            "small_stem": small_stem if small_stem is not None else any(stems),
+            "inits": list(init),
+            "protocols": list(protocol),
+            "budgets": {"fractions": list(fraction), "shots": list(shots), "imbalance": imbalance},
+            "seeds": seeds,
+            "validation": validation,
+            "hflip": hflip,
+            "resize": resize,
+            **{name: finetune_params if name == "finetune" else frozen_params for name in protocol},
+        },
+        "command line",
+    )
+    result = run_study(study, out, executor=executor, address=address, progress=progress, log=log)
+    print_summary(result.rows, console)
+    console.print(f"results: {Path(out) / 'results.db'}")
     if json_path is not None:
-        console.print(f"rows: {export_json(rows, json_path)}")
+        console.print(f"rows: {export_json(result.rows, json_path)}")
 
 
 @app.command()

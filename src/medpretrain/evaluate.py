@@ -8,7 +8,6 @@ bytes), and the store's primary key.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cached_property
@@ -17,34 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from medpretrain.budgets import VALIDATION_POLICIES, Budget, select, select_validation
 from medpretrain.data import Dataset, load_dataset
 from medpretrain.data.images import RESIZE_MODES
 from medpretrain.errors import MedpretrainError
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
-from medpretrain.inits import InitSpec, checkpoint_meta, parse_init
+from medpretrain.inits import InitSpec, parse_init
 from medpretrain.metrics import accuracy, auc, score
 from medpretrain.protocols import EvalContext, get_protocol
 from medpretrain.runtime import cache_root, library_versions, stable_hash
 from medpretrain.stats import cell_intervals
-from medpretrain.store import Store
-
-# Measured here: an ImageNet linear probe on pneumoniamnist scores AUC 0.70 at 28 px (below random
-# weights, 0.90) and 0.91 at 112 px, so ImageNet-initialised networks see small images upsampled.
-IMAGENET_MIN_IMAGE_SIZE = 112
-
-
-def resolve_image_size(image_size: int | None, init: InitSpec, native_size: int) -> int:
-    """`--image-size` when given; otherwise a checkpoint's own training size, 112 px for ImageNet, or native."""
-    if image_size is not None:
-        return image_size
-    if init.kind == "checkpoint":
-        return int(checkpoint_meta(init.path).get("image_size") or native_size)
-    if init.kind == "imagenet":
-        return max(native_size, IMAGENET_MIN_IMAGE_SIZE)
-    return native_size
 
 
 @dataclass
@@ -223,21 +205,3 @@ def run_cell(
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return row, prediction.test_proba
-
-
-def run_cells(cells: Iterable[Cell], store: Store, *, progress: bool = True, log: Any = print) -> list[dict[str, Any]]:
-    """Run every cell not yet in the store, committing each row as soon as its cell ends."""
-    cells = list(cells)
-    rows = []
-    bar = tqdm(cells, desc="cells", unit="cell", disable=not progress)
-    for cell in bar:
-        stored = store.get(cell.key)
-        if stored is not None:
-            log(f"done already: {cell.label}")
-            rows.append(stored)
-            continue
-        bar.set_postfix_str(cell.label, refresh=True)
-        row, test_proba = run_cell(cell, store.out_dir, progress=progress)
-        store.put(row, test_proba)
-        rows.append(store.get(cell.key))
-    return rows

@@ -14,16 +14,14 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell, cell_features, run_cell
+from medpretrain.plan import PretrainJob
 from medpretrain.protocols import get_protocol
 
-if TYPE_CHECKING:
-    from medpretrain.runner import PretrainJob
-
-OnPretrained = Callable[["PretrainJob", Path, float], None]
+OnPretrained = Callable[[PretrainJob, Path, float], None]
 OnCell = Callable[[Cell, dict[str, Any], Any], None]
 
 # Passed on to Ray workers on other machines; local workers inherit the driver's environment anyway.

@@ -30,7 +30,7 @@ from medpretrain.data import load_dataset, load_unlabeled
 from medpretrain.data.base import DEFAULT_HFLIP
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
-from medpretrain.runtime import stable_hash
+from medpretrain.runtime import stable_hash, training_device
 from medpretrain.ssl import Method, get_method, method_config
 from medpretrain.ssl.base import TrainingClock
 from medpretrain.train import make_trainer, quiet_lightning, resolve_precision
@@ -265,7 +265,7 @@ def pretrain(
         ) from None
     if trainer.is_global_zero:
         # Outside Lightning: its hooks do not run when a resumed run had already finished its last epoch.
-        method.finalize(images, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        method.finalize(images, training_device())
         backbone.cpu()
         identity = request.identity(data_key)
         write_with(

@@ -29,12 +29,18 @@ TRACKED_PACKAGES = (
 
 
 def default_device() -> torch.device:
-    """CUDA when present (users with GPUs), Apple MPS next, else the CPU."""
+    """For inference (feature extraction, predictions): CUDA when present, Apple MPS next, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def training_device() -> torch.device:
+    """Where the one Trainer trains (`train.trainer.make_trainer`): CUDA when present, else the CPU. Data that a
+    training run keeps on its device, and work done beside the Trainer, must use this one, not MPS."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @cache

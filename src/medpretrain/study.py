@@ -219,15 +219,6 @@ class Study(BaseModel):
         return [d.spec if isinstance(d, DatasetEntry) else d for d in self.datasets]
 
     @property
-    def resolved_image_size(self) -> int:
-        """One image size for every init (a fair comparison): as given, else 112 px when any init starts
-        from ImageNet (see IMAGENET_IMAGE_SIZE), else the native size."""
-        if self.image_size is not None:
-            return self.image_size
-        starts = [i if isinstance(i, str) else i.init for i in self.inits]
-        return max(self.size, IMAGENET_IMAGE_SIZE) if any(s.lower() == "imagenet" for s in starts) else self.size
-
-    @property
     def n_cells(self) -> int:
         """The size of the grid: datasets × inits × protocols × budgets × seeds."""
         n_budgets = len(self.budgets.fractions) + len(self.budgets.shots)

@@ -166,10 +166,20 @@ def protocols(run: Run) -> list[str]:
             params = (stepped[0].get("config") or {}).get("params") or {}
             cfg = FinetuneConfig(**{k: v for k, v in params.items() if k in FinetuneConfig.model_fields})
             grid = ", ".join(f"{lr:g}" for lr in cfg.lr)
+            rates = (
+                f"the same learning-rate grid ({grid}, chosen on validation)"
+                if len(cfg.lr) > 1
+                else f"one learning rate ({grid}, not tuned)"
+            )
+            stopping = (
+                f"stopped after {cfg.patience} validations without a better validation AUC"
+                if cfg.patience
+                else "without early stopping"
+            )
             sentences.append(
-                f"Fine-tuning: every initialisation trained with the same schedule and the same learning-rate grid "
-                f"({grid}, chosen on validation), at least {cfg.min_steps} optimiser steps or {cfg.epochs} epochs, "
-                f"whichever is longer, stopped after {cfg.patience} validations without a better validation AUC "
+                f"Fine-tuning: every initialisation trained with the same schedule and {rates}, at least "
+                f"{cfg.min_steps} optimiser steps or {cfg.epochs} epochs, whichever is longer, {stopping}; the "
+                f"weights of the best of {cfg.evals} validations are kept "
                 f"(steps taken: {_span([int(r['steps']) for r in stepped])})."
                 + (
                     f" Pre-trained backbones learn at {cfg.pretrained_backbone_lr_scale:g}× the head's rate."

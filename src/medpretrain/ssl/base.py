@@ -17,16 +17,28 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from torch import nn
 
 from medpretrain.augment import ViewRecipe
 from medpretrain.backbones import Backbone
 from medpretrain.errors import MedpretrainError
-from medpretrain.train import warmup_cosine
+from medpretrain.train import param_groups, warmup_cosine
+
+
+def _crop_scale(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"a crop scale is (min, max) area fractions with 0 < min ≤ max ≤ 1, got {list(value)}")
+    return value
+
+
+# A random-resized-crop area range, checked where the study is validated: `ViewRecipe` would otherwise refuse a
+# bad one only when the method is built, mid-study, after everything else had been accepted.
+CropScale = Annotated[tuple[float, float], AfterValidator(_crop_scale)]
 
 
 class MethodConfig(BaseModel):
@@ -154,10 +166,7 @@ class Method(nn.Module, ABC):
         """
         cfg = self.config
         lr = cfg.lr * cfg.batch_size / 256
-        decay, no_decay = [], []
-        for p in self.optimized_parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = param_groups(self.optimized_parameters(), cfg.weight_decay)
         optimizer: torch.optim.Optimizer
         if cfg.optimizer == "lars":
             from lightly.utils.lars import LARS

@@ -14,7 +14,7 @@ from torch import nn
 
 from medpretrain.augment import byol_view_pair, contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import CropScale, MethodConfig, StepOutput, register_method
 from medpretrain.ssl.momentum import MomentumMethod, momentum_copy
 
 # Multi-crop papers take 96 px local crops of 224 px images; below 12 px a CNN's 32× downsampling leaves
@@ -57,8 +57,8 @@ class DINOConfig(MethodConfig):
     ema_momentum: float = Field(0.996, ge=0, le=1)
     ema_momentum_end: float = Field(1.0, ge=0, le=1)
     n_local_crops: int = Field(4, ge=0)
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    global_crop_scale: CropScale = (0.4, 1.0)
+    local_crop_scale: CropScale = (0.05, 0.4)
 
     @model_validator(mode="after")
     def _temperatures(self) -> DINOConfig:

@@ -15,7 +15,7 @@ from torch import nn
 
 from medpretrain.augment import contrastive_recipe
 from medpretrain.backbones import Backbone
-from medpretrain.ssl.base import Method, MethodConfig, StepOutput, register_method
+from medpretrain.ssl.base import CropScale, Method, MethodConfig, StepOutput, register_method
 from medpretrain.ssl.dino import local_crop_size
 from medpretrain.ssl.memory_bank import checkpointed_bank
 
@@ -47,8 +47,8 @@ class SwaVConfig(MethodConfig):
     queue_start_epochs: int = Field(15, ge=0)
     freeze_prototypes_epochs: int = Field(1, ge=0)
     n_local_crops: int = Field(4, ge=0)
-    global_crop_scale: tuple[float, float] = (0.14, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.14)
+    global_crop_scale: CropScale = (0.14, 1.0)
+    local_crop_scale: CropScale = (0.05, 0.14)
 
 
 @register_method

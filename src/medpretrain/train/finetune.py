@@ -28,7 +28,7 @@ from medpretrain.backbones import Backbone
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.metrics import probabilities
-from medpretrain.runtime import default_device
+from medpretrain.runtime import default_device, training_device
 from medpretrain.train.classifier import Classifier, predict_logits
 from medpretrain.train.config import FinetuneConfig, StepPlan
 from medpretrain.train.module import FinetuneModule
@@ -109,7 +109,7 @@ def _loaders(
 ) -> tuple[DataLoader, list[DataLoader]]:
     # On a GPU the labelled subset and the validation split are moved there once (MedMNIST-scale data fits
     # many times over), so no step waits for a host-to-device copy.
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = training_device()
     x_train = dataset.images["train"][torch.as_tensor(idx)].to(device)
     y_train = _labels_tensor(dataset.labels["train"][idx], task).to(device)
     train_loader = _batches((x_train, y_train), plan.batch_size, shuffle=True, drop_last=plan.drop_last, seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -35,10 +36,13 @@ def multistep(total_steps: int, milestones: tuple[float, ...], gamma: float) -> 
     return factor
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on biases and normalisation parameters (1-d tensors), as is standard."""
+def param_groups(params: nn.Module | Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups: no decay on biases and normalisation parameters (1-d tensors), as is standard.
+
+    `params` is a module (all its trainable parameters) or the parameters themselves (a method's minus its
+    momentum copies)."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params.parameters() if isinstance(params, nn.Module) else params:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

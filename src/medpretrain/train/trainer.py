@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from medpretrain.errors import MedpretrainError
+from medpretrain.runtime import training_device
 
 # Loggers whose INFO lines ("GPU available: False", "`Trainer.fit` stopped", "Seed set to") are noise
 # for a toolkit that reports its own progress.
@@ -93,7 +94,7 @@ def make_trainer(
     seconds. Checkpoints (last + every epoch's latest) are written only when `checkpoint_dir` is
     given; there is no Lightning logger — callers record their own history.
     """
-    cuda = torch.cuda.is_available()
+    cuda = training_device().type == "cuda"
     n_gpus = torch.cuda.device_count() if cuda else 0
     if devices == "auto":
         devices = max(n_gpus, 1)
