@@ -1,0 +1,29 @@
+"""`build_model`: create a backbone and initialise it through the init-kind registry, with a `LoadReport`."""
+
+from __future__ import annotations
+
+import torch
+
+from medpretrain.backbones import Backbone, create_backbone, get_spec
+from medpretrain.inits.report import LoadReport
+from medpretrain.inits.spec import KINDS, InitSpec, parse_init
+
+
+def build_model(
+    backbone: str,
+    init: InitSpec | str,
+    *,
+    small_stem: bool = False,
+    seed: int = 0,
+    img_size: int | None = None,
+) -> tuple[Backbone, LoadReport]:
+    """Create `backbone` (torch seeded with `seed` first, so scratch is reproducible) and initialise it."""
+    spec = parse_init(init) if isinstance(init, str) else init
+    get_spec(backbone)  # unknown names fail before any file is read
+    kind = KINDS[spec.kind]
+    if kind.check is not None:
+        # Before seeding and building: a wrong --backbone / --small-stem should fail without any work done.
+        kind.check(spec, backbone, small_stem)
+    torch.manual_seed(seed)
+    model = create_backbone(backbone, small_stem=small_stem, img_size=img_size)
+    return model, kind.load(model, spec, seed)
