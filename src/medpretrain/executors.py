@@ -20,6 +20,7 @@ from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell, cell_features, run_cell
 from medpretrain.plan import PretrainJob
 from medpretrain.protocols import get_protocol
+from medpretrain.registry import Registry
 
 OnPretrained = Callable[[PretrainJob, Path, float], None]
 OnCell = Callable[[Cell, dict[str, Any], Any], None]
@@ -240,10 +241,10 @@ class RayExecutor(Executor):
             self.ray.shutdown()
 
 
-EXECUTORS: dict[str, type[Executor]] = {cls.name: cls for cls in (LocalExecutor, RayExecutor)}
+EXECUTORS: Registry[type[Executor]] = Registry("executor")
+for _executor in (LocalExecutor, RayExecutor):
+    EXECUTORS.add(_executor.name, _executor)
 
 
 def get_executor(name: str) -> type[Executor]:
-    if name not in EXECUTORS:
-        raise MedpretrainError(f"unknown executor '{name}'", f"choose one of: {', '.join(EXECUTORS)}")
-    return EXECUTORS[name]
+    return EXECUTORS.get(name)

@@ -13,6 +13,7 @@ import numpy as np
 from medpretrain.data.base import Dataset
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import InitSpec
+from medpretrain.registry import Registry
 
 
 @dataclass
@@ -64,18 +65,12 @@ class Protocol(ABC):
     def run(self, ctx: EvalContext) -> Prediction: ...
 
 
-PROTOCOLS: dict[str, Protocol] = {}
-
-
-def register_protocol(cls: type[Protocol]) -> type[Protocol]:
-    PROTOCOLS[cls.name] = cls()
-    return cls
+PROTOCOLS: Registry[Protocol] = Registry("protocol")
+register_protocol = PROTOCOLS.decorator(lambda cls: cls())  # protocols hold no state: one instance each
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise MedpretrainError(f"unknown protocol '{name}'", f"choose one of: {', '.join(sorted(PROTOCOLS))}")
-    return PROTOCOLS[name]
+    return PROTOCOLS.get(name)
 
 
 def params_or_default(params: dict[str, Any], defaults: dict[str, Any], protocol: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import nn
 from medpretrain.augment import ViewRecipe
 from medpretrain.backbones import Backbone
 from medpretrain.errors import MedpretrainError
+from medpretrain.registry import Registry
 from medpretrain.train import param_groups, warmup_cosine
 
 
@@ -208,18 +209,12 @@ class SymmetricTwoViewMethod(Method):
         return StepOutput(loss=loss, embedding=h0.detach())
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
-    return cls
+METHODS: Registry[type[Method]] = Registry("method")
+register_method = METHODS.decorator(lambda cls: cls)
 
 
 def get_method(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise MedpretrainError(f"unknown method '{name}'", f"choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    return METHODS.get(name)
 
 
 def method_config(name: str, overrides: dict[str, Any] | None = None) -> MethodConfig:
