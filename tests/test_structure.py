@@ -173,3 +173,12 @@ def test_every_named_choice_is_one_registry_shape() -> None:
         assert known in err.value.hint
     with pytest.raises(ValueError, match="registered twice"):
         PROTOCOLS.add("linear", PROTOCOLS.get("linear"))
+
+
+def test_no_module_is_above_400_lines() -> None:
+    long = {
+        p.relative_to(PACKAGE).as_posix(): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, long

@@ -38,7 +38,7 @@ class BackboneSpec:
     name: str
     timm_name: str
     supports_small_stem: bool
-    imagenet_source: str  # human-readable; inits.py resolves the actual files
+    imagenet_source: str  # human-readable; medpretrain.inits.imagenet resolves the actual files
     family: str  # "resnet", "efficientnet" or "vit": decides stem surgery, Grad-CAM layer and map shape
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 

@@ -67,16 +67,10 @@ def datasets(
     for column in ("dataset", "here", "train", "val", "test", "classes", "task", "looked for"):
         table.add_column(column)
     for info in list_datasets(size=size):
-        table.add_row(
-            info.flag,
-            Text("yes", style="green") if info.available else Text("no", style="red"),
-            str(info.n_train),
-            str(info.n_val),
-            str(info.n_test),
-            str(info.n_classes),
-            str(info.task.value if hasattr(info.task, "value") else info.task),
-            str(info.path),
-        )
+        here = Text("yes", style="green") if info.available else Text("no", style="red")
+        task = info.task.value if hasattr(info.task, "value") else info.task
+        counts = (info.n_train, info.n_val, info.n_test, info.n_classes)
+        table.add_row(info.flag, here, *map(str, counts), str(task), str(info.path))
     console.print(table)
     console.print(
         "A folder (one sub-folder per class) or a CSV manifest (path,label[,split]) is accepted as --dataset too."
@@ -197,6 +191,8 @@ def evaluate(
                 "give each init once; a pre-training checkpoint is keyed by its request, not its bytes",
             )
         seen[key] = init_text
+    from medpretrain.executors import check_executor
+
     check_executor(executor)
     stems = {bool(checkpoint_meta(p).get("small_stem")) for p in (parse_init(t).path for t in init) if p}
     if small_stem is None and len(stems) > 1:
@@ -368,6 +364,8 @@ def run(
             console.print(preset_text(name), highlight=False, markup=False)
         return
     study = load_study(study_file, preset=preset)
+    from medpretrain.executors import check_executor
+
     check_executor(executor)
     from medpretrain.runner import run_study
     from medpretrain.summary import print_summary
@@ -379,13 +377,6 @@ def run(
         from medpretrain.report import build_report
 
         console.print(f"report: {build_report(out)}")
-
-
-def check_executor(name: str) -> None:
-    """An unknown executor, or ray without Ray installed, fails before the run directory is written."""
-    from medpretrain.executors import get_executor
-
-    get_executor(name).check_available()
 
 
 @app.command(name="report")

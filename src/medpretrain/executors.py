@@ -248,3 +248,8 @@ for _executor in (LocalExecutor, RayExecutor):
 
 def get_executor(name: str) -> type[Executor]:
     return EXECUTORS.get(name)
+
+
+def check_executor(name: str) -> None:
+    """An unknown executor, or ray without Ray installed, fails before the run directory is written."""
+    get_executor(name).check_available()
