@@ -130,6 +130,9 @@ class Study(BaseModel):
     validation: Literal["full", "matched"] = "full"
     resize: Literal["bilinear", "nearest", "pad"] = "bilinear"
     hflip: float | None = Field(None, ge=0, le=1, description="flip probability; default: the dataset's")
+    # Protocol parameters: `params: {protocol: {...}}` for any registered protocol; the per-protocol keys
+    # `finetune:`, `linear:` and `knn:` are the same, kept because study files use them.
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
     linear: dict[str, Any] = Field(default_factory=dict)
     knn: dict[str, Any] = Field(default_factory=dict)
@@ -207,9 +210,9 @@ class Study(BaseModel):
     def _protocol_params(self) -> Study:
         from medpretrain.protocols import get_protocol
 
-        for name in ("finetune", "linear", "knn"):
+        for name in sorted({"finetune", "linear", "knn", *self.params}):
             try:
-                get_protocol(name).validate_params(getattr(self, name))
+                get_protocol(name).validate_params(self.params_for(name))
             except MedpretrainError as err:
                 raise ValueError(f"{name}: {err.message}; {err.hint}") from None
         return self
@@ -225,7 +228,9 @@ class Study(BaseModel):
         return len(self.dataset_specs) * len(self.inits) * len(self.protocols) * n_budgets * self.seeds
 
     def params_for(self, protocol: str) -> dict[str, Any]:
-        return dict(getattr(self, protocol, {}) or {})
+        """The protocol's parameters: `params[protocol]` over the legacy per-protocol key of the same name."""
+        legacy = getattr(self, protocol, None) if protocol in ("finetune", "linear", "knn") else None
+        return {**(legacy or {}), **self.params.get(protocol, {})}
 
 
 def _member(value: str, registry: Any, what: str) -> str:

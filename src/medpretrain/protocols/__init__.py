@@ -7,7 +7,8 @@ from medpretrain.protocols.base import (
     Prediction,
     Protocol,
     get_protocol,
+    protocol_cost,
     register_protocol,
 )
 
-__all__ = ["PROTOCOLS", "EvalContext", "Prediction", "Protocol", "get_protocol", "register_protocol"]
+__all__ = ["PROTOCOLS", "EvalContext", "Prediction", "Protocol", "get_protocol", "protocol_cost", "register_protocol"]

@@ -56,6 +56,14 @@ class Protocol(ABC):
     uses_features: ClassVar[bool]  # True: works on cached frozen features; False: trains the network
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # raised when the procedure changes, so old rows are not reused as new ones
+    # What running it costs, for the report's "the cheaper option" (lower is cheaper), and why, in words.
+    cost: ClassVar[int] = 9
+    cost_reason: ClassVar[str] = ""
+
+    @property
+    def trains_network(self) -> bool:
+        """It trains (and may keep, for Grad-CAM) a network of its own instead of reading frozen features."""
+        return not self.uses_features
 
     def validate_params(self, params: dict[str, Any]) -> None:
         """Raise MedpretrainError naming an unknown or invalid parameter (study files are checked up front)."""
@@ -71,6 +79,11 @@ register_protocol = PROTOCOLS.decorator(lambda cls: cls())  # protocols hold no 
 
 def get_protocol(name: str) -> Protocol:
     return PROTOCOLS.get(name)
+
+
+def protocol_cost(name: str) -> int:
+    """The registered protocol's cost; a protocol this version does not know (an old row) sorts last."""
+    return PROTOCOLS[name].cost if name in PROTOCOLS else 9
 
 
 def params_or_default(params: dict[str, Any], defaults: dict[str, Any], protocol: str) -> dict[str, Any]:

@@ -25,6 +25,8 @@ class FineTune(Protocol):
     name = "finetune"
     description = "full fine-tuning (AdamW, warm-up + cosine, ≥ min_steps); lr and step chosen on validation AUC"
     uses_features = False
+    cost = 2
+    cost_reason = "fine-tuning trains the whole network"
     version = 2  # 2: length in optimiser steps, lr grid, early stopping (1: a fixed number of epochs)
 
     def validate_params(self, params: dict) -> None:

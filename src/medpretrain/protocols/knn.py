@@ -36,6 +36,8 @@ class KNNProbe(Protocol):
     name = "knn"
     description = "cosine k-nearest neighbours on frozen features; k chosen on validation AUC"
     uses_features = True
+    cost = 0
+    cost_reason = "kNN on frozen features fits nothing"
     defaults = DEFAULTS
 
     def run(self, ctx: EvalContext) -> Prediction:

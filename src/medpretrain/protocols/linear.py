@@ -49,6 +49,8 @@ class LinearProbe(Protocol):
     name = "linear"
     description = "logistic regression on frozen features; C chosen on validation AUC"
     uses_features = True
+    cost = 1
+    cost_reason = "a linear probe trains no network"
     defaults = DEFAULTS
 
     def run(self, ctx: EvalContext) -> Prediction:

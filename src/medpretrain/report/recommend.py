@@ -16,16 +16,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from medpretrain.protocols import PROTOCOLS, protocol_cost
 from medpretrain.report.text import about, fmt
 from medpretrain.stats import ALPHA, Estimate, format_p
 
 # The cost model. What it costs to obtain an init: only a self-supervised pre-training of your own costs compute
 # before evaluation (ImageNet weights are downloaded; a checkpoint you brought exists).
 INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "pretrained": 1}
-# What a protocol costs to run, cheapest first: kNN fits nothing, a linear probe fits a head on frozen features,
-# fine-tuning trains the whole network. Compute per image also grows with the image size (pixels).
-PROTOCOL_COST = {"knn": 0, "linear": 1, "finetune": 2}
-PROTOCOL_PHRASES = {"knn": "kNN on frozen features fits nothing", "linear": "a linear probe trains no network"}
+# What a protocol costs to run is the protocol's own attribute (`Protocol.cost`, `cost_reason`): kNN fits nothing,
+# a linear probe fits a head on frozen features, fine-tuning trains the whole network. Compute per image also
+# grows with the image size (pixels).
 INIT_PHRASES = {"ImageNet": "ImageNet transfer", "scratch": "training from scratch"}
 
 Record = Mapping[str, Any]
@@ -60,10 +60,11 @@ def cheaper(a: Record, b: Record) -> str:
             f"{_phrase(cheap['arm'])} is the cheaper: it runs at {cheap['image_size']} px instead of "
             f"{dear['image_size']} px, about {about(ratio)}× less compute per image."
         )
-    cost_a, cost_b = PROTOCOL_COST.get(a["protocol"], 9), PROTOCOL_COST.get(b["protocol"], 9)
+    cost_a, cost_b = protocol_cost(a["protocol"]), protocol_cost(b["protocol"])
     if cost_a != cost_b:
         cheap = a if cost_a < cost_b else b
-        return f"{_phrase(cheap['arm'])} ({cheap['protocol']}) is the cheaper: {PROTOCOL_PHRASES[cheap['protocol']]}."
+        reason = PROTOCOLS[cheap["protocol"]].cost_reason
+        return f"{_phrase(cheap['arm'])} ({cheap['protocol']}) is the cheaper: {reason}."
     return "Both cost about the same to obtain and run."
 
 
@@ -168,7 +169,7 @@ def recommend(records: Iterable[Record], comparisons: Sequence[Mapping[str, Any]
         for recs in budgets.values():
             ranked = sorted(
                 (r for r in recs if math.isfinite(r["val_auc_mean"])),
-                key=lambda r: (-_sort_value(r["val_auc_mean"]), PROTOCOL_COST.get(r["protocol"], 9)),
+                key=lambda r: (-_sort_value(r["val_auc_mean"]), protocol_cost(r["protocol"])),
             )
             if ranked:
                 sentences.append(_sentence(ranked[0], ranked, comparisons))

@@ -25,7 +25,7 @@ from medpretrain.data import load_dataset
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.features import FeatureCache
-from medpretrain.report.recommend import PROTOCOL_COST
+from medpretrain.protocols import protocol_cost
 from medpretrain.runtime import cache_root
 from medpretrain.stats import ALPHA, N_BOOTSTRAP, Estimate, TestResamples, combine, holm, paired_from_scores
 from medpretrain.store import Store
@@ -187,7 +187,7 @@ class Run:
 
     def protocols(self, dataset: str) -> list[str]:
         present = {r["protocol"] for r in self.rows if r["dataset"] == dataset}
-        return sorted(present, key=lambda p: (PROTOCOL_COST.get(p, 9), p))
+        return sorted(present, key=lambda p: (protocol_cost(p), p))
 
     def budgets(self, dataset: str, protocol: str | None = None) -> list[str]:
         """Budget labels of a data set, fewest labels first."""
@@ -208,7 +208,7 @@ class Run:
         order = {a: i for i, a in enumerate(self.arm_order)}
         return sorted(
             recs,
-            key=lambda r: (-sort_value(r["val_auc_mean"]), PROTOCOL_COST.get(r["protocol"], 9), order[r["arm"]]),
+            key=lambda r: (-sort_value(r["val_auc_mean"]), protocol_cost(r["protocol"]), order[r["arm"]]),
         )
 
     def ranked(self) -> list[dict[str, Any]]:
