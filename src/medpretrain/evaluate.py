@@ -44,12 +44,15 @@ class Cell:
     validation: str = "full"  # full | matched: the validation split whole, or in the budget's proportion
     hflip: float | None = None  # flip probability of training views; None = the dataset's (0 with laterality)
     resize: str = "bilinear"  # how images reach `image_size`: bilinear, nearest or pad (data.images.RESIZE_MODES)
+    # Further inits whose frozen features a multi-source protocol (fusion) combines with `init`'s; () for most.
+    sources: tuple[str, ...] = ()
     init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
     # "pretrained" when this study pre-trained the checkpoint itself (what it cost is the report's concern);
     # otherwise the init's own kind. Not part of the key: the same weights are the same init.
     pretrained_here: bool = False
 
     def __post_init__(self) -> None:
+        self.sources = tuple(self.sources)
         if self.validation not in VALIDATION_POLICIES:
             raise MedpretrainError(
                 f"unknown validation policy '{self.validation}'", f"choose one of: {', '.join(VALIDATION_POLICIES)}"
@@ -62,6 +65,25 @@ class Cell:
     @cached_property
     def init_spec(self) -> InitSpec:
         return parse_init(self.init)
+
+    @cached_property
+    def source_specs(self) -> tuple[InitSpec, ...]:
+        return tuple(parse_init(text) for text in self.sources)
+
+    @property
+    def init_specs(self) -> tuple[InitSpec, ...]:
+        """Every init whose features the cell reads: its own first, then its sources."""
+        return (self.init_spec, *self.source_specs)
+
+    @property
+    def feature_keys(self) -> tuple[tuple[str, ...], ...]:
+        """What identifies each frozen-feature array this cell reads, without loading data: the executors
+        extract each once (Ray: one task per key) before the cells that share it; () for protocols that train."""
+        if not get_protocol(self.protocol).uses_features:
+            return ()
+        shared = (self.dataset, str(self.size), str(self.image_size), self.resize, self.backbone, str(self.small_stem))
+        adapted = str(bool(self.params.get("bn_adapt", False)))
+        return tuple((*shared, adapted, spec.key) for spec in self.init_specs)
 
     @property
     def init_name(self) -> str:
@@ -77,6 +99,9 @@ class Cell:
         config.pop("init_label")
         config.pop("pretrained_here")
         config["init_key"] = self.init_spec.key
+        sources = config.pop("sources")
+        if sources:  # absent when empty, so single-init cells keep the keys they had before sources existed
+            config["source_keys"] = [spec.key for spec in self.source_specs]
         # A protocol whose procedure changed (e.g. fine-tuning in steps, not epochs) gets new keys, so rows
         # made by the old procedure are never reused as if they were the new one's.
         config["protocol_version"] = get_protocol(self.protocol).version
@@ -124,10 +149,11 @@ def restrict_features(features: dict[str, np.ndarray], idx: np.ndarray | None) -
     return features if idx is None else {**features, "val": features["val"][idx]}
 
 
-def cell_features(cell: Cell, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
-    """The frozen features of the cell's init on its dataset, from (or into) the run's feature cache."""
+def cell_features(cell: Cell, out_dir: Path, init: InitSpec | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """The frozen features of `init` (default: the cell's own) on the cell's dataset, from (or into) the run's
+    feature cache."""
     return FeatureCache(cache_root(out_dir)).get(
-        cell.init_spec,
+        init or cell.init_spec,
         cell.backbone,
         cell.small_stem,
         cell_dataset(cell, out_dir),
@@ -156,7 +182,8 @@ def run_cell(
         small_stem=cell.small_stem,
         seed=cell.seed,
         params=cell.params,
-        features=lambda: restrict_features(cell_features(cell, out_dir, progress=progress), val_idx),
+        features=lambda init=None: restrict_features(cell_features(cell, out_dir, init, progress=progress), val_idx),
+        sources=cell.source_specs,
         progress=progress,
         keep_model=keep_model,
         hflip=hflip,

@@ -50,12 +50,6 @@ def _pretrain(job: PretrainJob, folder: Path) -> tuple[Path, float]:
     return path, time.perf_counter() - started
 
 
-def _feature_key(cell: Cell) -> tuple[str, ...] | None:
-    if not get_protocol(cell.protocol).uses_features:
-        return None
-    return (cell.dataset, str(cell.size), str(cell.image_size), cell.backbone, str(cell.small_stem), cell.init)
-
-
 class Executor(ABC):
     name: ClassVar[str]
 
@@ -133,9 +127,9 @@ def _ray_pretrain(job: PretrainJob, folder: str) -> tuple[str, float]:
     return str(path), seconds
 
 
-def _ray_features(cell: Cell, out_dir: str) -> None:
+def _ray_features(cell: Cell, index: int, out_dir: str) -> None:
     _ray_threads()
-    cell_features(cell, Path(out_dir), progress=False)
+    cell_features(cell, Path(out_dir), cell.init_specs[index], progress=False)
 
 
 def _ray_cell(cell: Cell, out_dir: str, keep_model: str | None, *_after: Any) -> tuple[dict[str, Any], Any]:
@@ -222,11 +216,10 @@ class RayExecutor(Executor):
         feature_tasks: dict[tuple[str, ...], Any] = {}
         pending: dict[Any, Cell] = {}
         for cell in cells:
-            key = _feature_key(cell)
             after = []
-            if key is not None:
+            for index, key in enumerate(cell.feature_keys):  # each array extracted once, before its cells
                 if key not in feature_tasks:
-                    feature_tasks[key] = features.remote(cell, str(out_dir))
+                    feature_tasks[key] = features.remote(cell, index, str(out_dir))
                 after.append(feature_tasks[key])
             trains = not get_protocol(cell.protocol).uses_features
             task = self.ray.remote(_ray_cell).options(**self._options(trains=trains))

@@ -40,7 +40,7 @@ def _vit_reshape(model: Classifier, image_size: int) -> Callable[[torch.Tensor],
 def gradcam_maps(model: Classifier, images: torch.Tensor, targets: list[int]) -> np.ndarray:
     """Grad-CAM heat maps (N, H, W) in [0, 1] of a few `images` (uint8 N×C×H×W), one output index per image."""
     x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-    reshape = _vit_reshape(model, x.shape[-1]) if model.backbone.family == "vit" else None
+    reshape = _vit_reshape(model, x.shape[-1]) if model.backbone.spec.token_grid else None
     with (
         torch_threads(1),
         GradCAM(model=model, target_layers=[model.backbone.gradcam_layer], reshape_transform=reshape) as cam,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medpretrain.budgets import Budget
-from medpretrain.data import MEDMNIST_FLAGS, load_dataset, parse_subset
+from medpretrain.data import load_dataset, parse_subset, source_of
 from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell
 from medpretrain.inits import checkpoint_meta, parse_init
@@ -37,10 +37,9 @@ class PretrainJob:
 def native_size(dataset: str, size: int) -> int:
     """The size a dataset's images have before any resizing: MedMNIST's `size`; for a user's folder or CSV the
     data layer's own choice (the median longest side, capped at 224), read from the loaded data set."""
-    base = parse_subset(dataset)[0]
-    if base.strip().lower() in MEDMNIST_FLAGS:
-        return size
-    return load_dataset(dataset, size=size).image_size
+    source = source_of(parse_subset(dataset)[0])
+    native = source.native_size(parse_subset(dataset)[0], size) if source is not None else None
+    return native if native is not None else load_dataset(dataset, size=size).image_size
 
 
 def image_size_for(study: Study, dataset: str) -> int:

@@ -154,14 +154,14 @@ class Study(BaseModel):
     @field_validator("datasets")
     @classmethod
     def _known_datasets(cls, values: list[str | DatasetEntry], info: Any) -> list[str | DatasetEntry]:
-        from medpretrain.data import MEDMNIST_FLAGS, check_spec, parse_subset
+        from medpretrain.data import MEDMNIST_FLAGS, check_spec, parse_subset, source_of
 
         size = info.data.get("size", 28) if info.data else 28  # `size` is validated first (declared first)
         for value in values:
             spec = value.spec if isinstance(value, DatasetEntry) else value
             try:
                 base = value.name if isinstance(value, DatasetEntry) else parse_subset(value)[0]
-                if base.lower() not in MEDMNIST_FLAGS and not Path(base).expanduser().exists():
+                if source_of(base) is None:
                     where = f" in '{spec}'" if spec != base else ""
                     raise ValueError(
                         f"unknown dataset '{base}'{where}; allowed: a MedMNIST flag ({', '.join(MEDMNIST_FLAGS)}) "

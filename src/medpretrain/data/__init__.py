@@ -10,25 +10,24 @@ from pathlib import Path
 import torch
 
 from medpretrain.data.base import SPLITS, Dataset, Task
-from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_folder, load_unlabeled_folder, scan
+from medpretrain.data.folder import MAX_AUTO_IMAGE_SIZE, load_unlabeled_folder
 from medpretrain.data.images import RESIZE_MODES, resize_images
 from medpretrain.data.medmnist import (
     MEDMNIST_FLAGS,
     DatasetInfo,
     available_sizes,
     data_dir,
-    file_path,
-    is_offline,
     list_datasets,
-    load_medmnist,
     split_sizes,
 )
+from medpretrain.data.sources import SOURCES, MedMNISTSource, source_of
 from medpretrain.data.subset import check_limits, parse_subset, subset_spec, take_subset
 from medpretrain.errors import MedpretrainError
 
 __all__ = [
     "MAX_AUTO_IMAGE_SIZE",
     "MEDMNIST_FLAGS",
+    "SOURCES",
     "SPLITS",
     "Dataset",
     "DatasetInfo",
@@ -41,25 +40,11 @@ __all__ = [
     "load_dataset",
     "load_unlabeled",
     "parse_subset",
+    "source_of",
     "subset_spec",
 ]
 
 _MEMO_SIZE = 8  # datasets at 224 px are large; keep a handful, a miss only costs a reload
-
-
-@functools.lru_cache(maxsize=_MEMO_SIZE)
-def _load_medmnist_memo(
-    flag: str, size: int, image_size: int | None, path: str, stamp: tuple[int, int] | None, offline: bool
-) -> Dataset:
-    # path/stamp/offline are part of the key only: a changed MEDPRETRAIN_DATA or a replaced file reloads.
-    return load_medmnist(flag, size, image_size)
-
-
-@functools.lru_cache(maxsize=_MEMO_SIZE)
-def _load_folder_memo(
-    path: Path, image_size: int | None, split_dir: Path | None, seed: int, fingerprint: str
-) -> Dataset:
-    return load_folder(path, image_size=image_size, split_dir=split_dir, seed=seed)
 
 
 @functools.lru_cache(maxsize=_MEMO_SIZE)
@@ -85,8 +70,8 @@ def _resized_memo(spec: str, size: int, split_dir: Path | None, seed: int, image
 def clear_cache() -> None:
     """Forget memoised data sets (tests, or after files changed in ways size/mtime do not show)."""
     _resized_memo.cache_clear()
-    _load_medmnist_memo.cache_clear()
-    _load_folder_memo.cache_clear()
+    for source in SOURCES.values():
+        source.clear_cache()
     _subset_memo.cache_clear()
 
 
@@ -116,14 +101,12 @@ def check_spec(spec: str | os.PathLike[str], *, size: int = 28) -> None:
     """
     text = os.fspath(spec)
     base, limits = parse_subset(text)
-    key = base.strip().lower()
-    if key in MEDMNIST_FLAGS:
-        file_path(key, size)  # validates size
-        if limits:
-            check_limits(text.strip(), limits, split_sizes(key))
-        return
-    if not Path(base).expanduser().exists():
+    source = source_of(base)
+    if source is None:
         raise _unknown(base, text)
+    source.check(base, size)
+    if limits and isinstance(source, MedMNISTSource):  # split sizes are metadata: checked before any loading
+        check_limits(text.strip(), limits, split_sizes(base.strip().lower()))
 
 
 def load_dataset(
@@ -154,22 +137,10 @@ def load_dataset(
     if limits:
         check_spec(text, size=size)  # a bad base or count is named with the whole spec, before any loading
         return _subset_memo(base, tuple(limits.items()), size, image_size, split_dir, seed)
-    key = text.strip().lower()
-    if key in MEDMNIST_FLAGS:
-        path = file_path(key, size)  # validates size
-        try:
-            st = path.stat()
-            stamp: tuple[int, int] | None = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stamp = None
-        return _load_medmnist_memo(key, size, image_size, str(path), stamp, is_offline())
-    path = Path(text).expanduser()
-    if path.exists():
-        resolved = path.resolve()
-        fingerprint = scan(resolved).fingerprint()
-        sd = Path(split_dir).expanduser().resolve() if split_dir is not None else None
-        return _load_folder_memo(resolved, image_size, sd, seed, fingerprint)
-    raise _unknown(text, text)
+    source = source_of(text)
+    if source is None:
+        raise _unknown(text, text)
+    return source.load(text, size=size, image_size=image_size, split_dir=split_dir, seed=seed)
 
 
 def load_unlabeled(
@@ -182,7 +153,7 @@ def load_unlabeled(
     """
     text = os.fspath(spec)
     path = Path(text).expanduser()
-    if parse_subset(text)[1] or text.strip().lower() in MEDMNIST_FLAGS or not path.is_dir():
+    if parse_subset(text)[1] or isinstance(source_of(text), MedMNISTSource) or not path.is_dir():
         dataset = load_dataset(spec, size=size, image_size=image_size, split_dir=split_dir)
         return dataset.name, dataset.key, dataset.images["train"]
     try:

@@ -27,11 +27,14 @@ class EvalContext:
     small_stem: bool
     seed: int
     params: dict[str, Any]
-    features: Callable[[], dict[str, np.ndarray]]  # frozen features per split, cached on disk, computed lazily
+    # features() = the init's frozen features per split, features(spec) = those of one of `sources`; cached on
+    # disk, computed lazily.
+    features: Callable[..., dict[str, np.ndarray]]
     progress: bool = True
     keep_model: Path | None = None  # protocols that train a network save it here (for Grad-CAM)
     hflip: float = 0.5  # flip probability for training views (0 for datasets whose classes mark laterality)
     pretrained: bool = False  # the init carries weights (anything but scratch)
+    sources: tuple[InitSpec, ...] = ()  # further inits a multi-source (fusion) protocol combines
 
 
 @dataclass

@@ -26,12 +26,11 @@ column of patches are 4 px wide); `mask_at` follows how the stride-2 convolution
 
 from medpretrain.ssl.spark.geometry import mask_at
 from medpretrain.ssl.spark.loss import masked_patch_loss
-from medpretrain.ssl.spark.method import MIN_GRID, STAGES, SparK, SparKConfig
+from medpretrain.ssl.spark.method import MIN_GRID, SparK, SparKConfig
 from medpretrain.ssl.spark.sparse import sparse_batch_norm, sparse_encoding
 
 __all__ = [
     "MIN_GRID",
-    "STAGES",
     "SparK",
     "SparKConfig",
     "mask_at",

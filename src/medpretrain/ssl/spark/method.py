@@ -29,13 +29,6 @@ from medpretrain.ssl.spark.geometry import mask_at
 from medpretrain.ssl.spark.loss import masked_patch_loss
 from medpretrain.ssl.spark.sparse import sparse_batch_norm, sparse_encoding
 
-# Encoder scales handed to the decoder, shallow → deep. For EfficientNet the stride-2 stage (blocks.0) is
-# left out like SparK leaves out ResNet's stem, and the deepest scale is the map after conv_head + bn2,
-# i.e. the map that gets pooled, so the whole feature extractor is trained.
-STAGES: dict[str, tuple[str, ...]] = {
-    "resnet": ("layer1", "layer2", "layer3", "layer4"),
-    "efficientnet": ("blocks.1", "blocks.2", "blocks.4", "bn2"),
-}
 MIN_GRID = 4
 
 
@@ -95,12 +88,13 @@ class SparK(Method):
 
     def __init__(self, backbone: Backbone, config: SparKConfig, *, channels: int, image_size: int) -> None:
         super().__init__(backbone, config, channels=channels, image_size=image_size)
-        if backbone.family not in STAGES:
+        # Encoder scales handed to the decoder, shallow → deep: the backbone's own spec says which.
+        if not backbone.spec.spark_stages:
             raise MedpretrainError(
                 f"spark needs a convolutional backbone, got {backbone.name}",
                 "use resnet18, resnet50 or efficientnet_lite0 (or mae for vit_tiny)",
             )
-        self.stage_names = STAGES[backbone.family]
+        self.stage_names = backbone.spec.spark_stages
         chans, sizes = self._probe(image_size)
         self.grid: tuple[int, int] = sizes[-1]
         if min(self.grid) < MIN_GRID:
@@ -219,4 +213,4 @@ class SparK(Method):
         return self.forward_masked(x, self.random_mask(x.shape[0], x.device))
 
 
-__all__ = ["MIN_GRID", "STAGES", "SparK", "SparKConfig"]
+__all__ = ["MIN_GRID", "SparK", "SparKConfig"]
