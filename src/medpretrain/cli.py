@@ -180,17 +180,6 @@ def evaluate(
     frozen_params = {"bn_adapt": True} if bn_adapt else {}
     for name in protocol:
         get_protocol(name).validate_params(finetune_params if name == "finetune" else frozen_params)
-    # Results and feature caches are keyed by the init's key, so two inits with one key would silently share
-    # (and double) rows: a copy of a checkpoint, or a file edited after pre-training that kept its request.
-    seen: dict[str, str] = {}
-    for init_text in init:
-        key = parse_init(init_text).key
-        if key in seen:
-            raise MedpretrainError(
-                f"--init {init_text} and --init {seen[key]} are the same initialization (key {key})",
-                "give each init once; a pre-training checkpoint is keyed by its request, not its bytes",
-            )
-        seen[key] = init_text
     from medpretrain.executors import check_executor
 
     check_executor(executor)
@@ -299,7 +288,7 @@ def pretrain(
     from medpretrain.backbones import get_spec
     from medpretrain.data import check_spec
     from medpretrain.inits import parse_init
-    from medpretrain.pretrain import PretrainRequest, source_hflip
+    from medpretrain.pretrain import PretrainRequest, target_hflip
     from medpretrain.pretrain import pretrain as run_pretraining
     from medpretrain.ssl import method_config
 
@@ -323,10 +312,8 @@ def pretrain(
         seed=seed,
         hparams=hparams,
         precision=precision,
-        # With another source, the target's laterality still forbids flips (the source's own is checked later).
-        hflip=hflip
-        if hflip is not None or unlabeled_from is None
-        else (0.0 if source_hflip(dataset, size, out / "splits") == 0 else None),
+        # With another source, the target's laterality still forbids flips (pretrain() checks the source's own).
+        hflip=target_hflip(hflip, dataset, size, out / "splits") if unlabeled_from else hflip,
     )
     path = run_pretraining(request, out, resume=resume, restart=restart, progress=progress, log=log)
     print(path)

@@ -15,7 +15,7 @@ from medpretrain.data import load_dataset, parse_subset, source_of
 from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell
 from medpretrain.inits import checkpoint_meta, parse_init
-from medpretrain.pretrain import PretrainRequest
+from medpretrain.pretrain import PretrainRequest, target_hflip
 from medpretrain.protocols import get_protocol
 from medpretrain.study import IMAGENET_IMAGE_SIZE, Pretraining, Study
 
@@ -37,8 +37,9 @@ class PretrainJob:
 def native_size(dataset: str, size: int) -> int:
     """The size a dataset's images have before any resizing: MedMNIST's `size`; for a user's folder or CSV the
     data layer's own choice (the median longest side, capped at 224), read from the loaded data set."""
-    source = source_of(parse_subset(dataset)[0])
-    native = source.native_size(parse_subset(dataset)[0], size) if source is not None else None
+    base = parse_subset(dataset)[0]
+    source = source_of(base)
+    native = source.native_size(base, size) if source is not None else None
     return native if native is not None else load_dataset(dataset, size=size).image_size
 
 
@@ -61,7 +62,8 @@ def image_size_for(study: Study, dataset: str) -> int:
 
 def check_distinct_inits(study: Study) -> None:
     """Refuse a study that lists one initialization twice: its cells would share keys, run twice and the second
-    row would be silently dropped. Files are compared by init key (a pre-training checkpoint by its request)."""
+    row would be silently dropped (results and feature caches are keyed by the init's key). Files are compared by
+    init key: a copy of a checkpoint, or a file edited after pre-training that kept its request, is the same."""
     seen: dict[str, str] = {}
     for init in study.inits:
         if isinstance(init, Pretraining):
@@ -71,7 +73,8 @@ def check_distinct_inits(study: Study) -> None:
         if key in seen:
             raise MedpretrainError(
                 f"init '{shown}' and init '{seen[key]}' are the same initialization",
-                "give each init once (a pre-training needs a different method, setting or label)",
+                "give each init once (a pre-training checkpoint is keyed by its request, not its bytes; a pre-training "
+                "of the study needs a different method, setting or label)",
             )
         seen[key] = shown
 
@@ -83,24 +86,16 @@ def budgets_of(study: Study) -> list[Budget]:
     ]
 
 
-def pretrain_hflip(study: Study, dataset: str) -> float | None:
-    """The study's flip probability; else 0 when the *evaluation* dataset's classes mark left/right (flipped
-    pre-training would teach invariance to the side those classes differ by, whatever the source), else None:
-    the pre-training source's own policy."""
-    if study.hflip is not None:
-        return study.hflip
-    from medpretrain.data import load_dataset
-
-    return 0.0 if load_dataset(dataset, size=study.size).default_hflip == 0 else None
-
-
 def pretrain_jobs(study: Study) -> list[PretrainJob]:
     """One job per (dataset, pre-training init, pre-training seed); seed k is the init's seed + k."""
     jobs = []
     for dataset in study.dataset_specs:
-        for init in study.inits:
-            if not isinstance(init, Pretraining):
-                continue
+        pretrainings = [init for init in study.inits if isinstance(init, Pretraining)]
+        if not pretrainings:
+            continue
+        # Per dataset, not per job: both may read checkpoint files or load the data set.
+        image_size, hflip = image_size_for(study, dataset), target_hflip(study.hflip, dataset, study.size)
+        for init in pretrainings:
             for k in range(study.pretrain_seeds):
                 request = PretrainRequest(
                     dataset=init.unlabeled_from or dataset,
@@ -109,11 +104,11 @@ def pretrain_jobs(study: Study) -> list[PretrainJob]:
                     epochs=init.epochs,
                     init=init.init,
                     size=study.size,
-                    image_size=image_size_for(study, dataset),
+                    image_size=image_size,
                     small_stem=study.small_stem,
                     seed=init.seed + k,
                     hparams=dict(init.hparams),
-                    hflip=pretrain_hflip(study, dataset),
+                    hflip=hflip,
                 )
                 jobs.append(PretrainJob(dataset=dataset, label=init.display, request=request, replicate=k))
     return jobs
@@ -185,6 +180,5 @@ __all__ = [
     "image_size_for",
     "native_size",
     "plan_cells",
-    "pretrain_hflip",
     "pretrain_jobs",
 ]

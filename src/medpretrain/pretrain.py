@@ -172,13 +172,23 @@ def _finished_epochs(path: Path) -> int:
     return int(state.get("epoch", 0)) + 1
 
 
-def source_hflip(spec: str, size: int, split_dir: Path) -> float:
-    """The flip probability for pre-training on `spec`: the dataset's own (0 where class names mark left/right),
-    or the default for a folder of unlabelled images, which has no class names to tell."""
+def source_hflip(spec: str, size: int, split_dir: Path | None = None, image_size: int | None = None) -> float:
+    """The flip probability for images of `spec`: the dataset's own (0 where class names mark left/right), or the
+    default for a folder of unlabelled images, which has no class names to tell. Loaded as `load_unlabeled`
+    loads it, so the memoised data set is reused rather than read again."""
     try:
-        return load_dataset(spec, size=size, split_dir=split_dir).default_hflip
+        return load_dataset(spec, size=size, image_size=image_size, split_dir=split_dir).default_hflip
     except MedpretrainError:
         return DEFAULT_HFLIP
+
+
+def target_hflip(override: float | None, target: str, size: int, split_dir: Path | None = None) -> float | None:
+    """The flip probability to pre-train with for evaluation on `target`: `override` when given; else 0 when the
+    target's classes mark left/right (flipped pre-training would teach invariance to the side those classes
+    differ by, whatever the source); else None, the pre-training source's own policy."""
+    if override is not None:
+        return override
+    return 0.0 if source_hflip(target, size, split_dir) == 0 else None
 
 
 def pretrain(
@@ -203,7 +213,7 @@ def pretrain(
         request.dataset, size=request.size, image_size=request.image_size, split_dir=out_dir / "splits"
     )
     if request.hflip is None:
-        request.hflip = source_hflip(request.dataset, request.size, out_dir / "splits")
+        request.hflip = source_hflip(request.dataset, request.size, out_dir / "splits", request.image_size)
     config = method_config(request.method, request.hparams)
     if len(images) < config.batch_size:
         raise MedpretrainError(

@@ -59,9 +59,9 @@ def run_study(
     log: Log = print,
 ) -> RunResult:
     """Pre-train, evaluate every cell not yet stored, and record this invocation in `run_log.jsonl`."""
+    check_distinct_inits(study)  # before the run directory exists: a refused study leaves nothing behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check_distinct_inits(study)
     write_json(out / "study.json", study.model_dump(mode="json"))
     store = Store(out)
     engine = get_executor(executor)(address=address, log=log)
@@ -71,7 +71,7 @@ def run_study(
     result = RunResult(rows=[], cells_run=0, cells_reused=0)
     completed = False
     try:
-        checkpoints: dict[tuple[str, str], Path] = {}
+        checkpoints: dict[tuple[str, str | None, int], Path] = {}
 
         def pretrained(job: PretrainJob, path: Path, seconds: float) -> None:
             checkpoints[job.dataset, job.label, job.replicate] = path

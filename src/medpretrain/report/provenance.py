@@ -212,15 +212,17 @@ def protocols(run: Run) -> list[str]:
                     else ""
                 )
             )
+    study = run.study if isinstance(run.study, dict) else {}
     flips = {}
     for r in run.rows:
         flip = (r.get("augmentation") or {}).get("hflip")
         if flip is not None:
             flips.setdefault(r["dataset"], set()).add(float(flip))
     for dataset, values in flips.items():
-        off = " (off: its class names mark left/right)" if values == {0.0} else ""
+        # The reason holds only for the data's own policy; a study that set `hflip` chose it itself.
+        reason = " (off: its class names mark left/right)" if study.get("hflip") is None else " (set by the study)"
+        off = reason if values == {0.0} else ""
         sentences.append(f"Horizontal flips on {dataset}: p = {_counts(values)}{off}, in fine-tuning and pre-training.")
-    study = run.study if isinstance(run.study, dict) else {}
     if any(isinstance(i, dict) for i in study.get("inits") or []) and int(study.get("pretrain_seeds") or 1) == 1:
         sentences.append(
             "Each self-supervised method was pre-trained once (pretrain_seeds: 1), so its intervals do not include "

@@ -199,21 +199,18 @@ def finetune(
     """
     idx = _check_inputs(dataset, train_idx)
     task = Task(dataset.task)
-    flip = cfg.augmentation(hflip)["hflip"]
     scale = cfg.pretrained_backbone_lr_scale if pretrained else 1.0
     start = time.perf_counter()
     best: tuple[tuple[float, float], float, FinetuneModule] | None = None
     search = []
     for lr in cfg.lr:
         module = _fit_one(
-            backbone, dataset, idx, cfg, lr=lr, backbone_lr_scale=scale, hflip=flip, seed=seed, progress=progress
+            backbone, dataset, idx, cfg, lr=lr, backbone_lr_scale=scale, hflip=hflip, seed=seed, progress=progress
         )
         steps = int(module.global_step)
         search.append({"lr": lr, "val_auc": module.best_score[0], "best_step": module.best_step, "steps": steps})
         if best is None or module.best_score > best[0]:
-            best = (module.best_score, lr, module)
-        else:
-            del module  # only the chosen run's weights are kept
+            best = (module.best_score, lr, module)  # only the chosen run's module (and weights) is kept
     assert best is not None
     _, lr, module = best
     plan = module.plan

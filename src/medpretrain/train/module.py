@@ -57,7 +57,8 @@ class FinetuneModule(pl.LightningModule):
         self.history: list[dict[str, float]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_step = 0
-        self._best_key = (-math.inf, -math.inf)
+        # (best validation AUC, minus its validation loss): the key that picks the kept weights.
+        self.best_score: tuple[float, float] = (-math.inf, -math.inf)
         self._evals_since_best = 0
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._train_loss_sum: torch.Tensor | float = 0.0
@@ -65,18 +66,8 @@ class FinetuneModule(pl.LightningModule):
         self._last_lr = lr
         self._clock = time.perf_counter()
 
-    @property
-    def best_score(self) -> tuple[float, float]:
-        """(best validation AUC, minus its validation loss): the key that picks the kept weights."""
-        return self._best_key
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
-
-    def on_fit_start(self) -> None:
-        if self.device.type == "cuda":
-            # channels-last lets cuDNN pick its fastest (NHWC tensor-core) convolution kernels under AMP.
-            self.model.to(memory_format=torch.channels_last)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
@@ -141,8 +132,8 @@ class FinetuneModule(pl.LightningModule):
         self.history.append(row)
         # Best validation AUC, ties (and NaN AUCs) decided by the lower validation loss.
         key = (val_auc if not math.isnan(val_auc) else -math.inf, -val_loss)
-        if key > self._best_key:
-            self._best_key, self.best_step, self._evals_since_best = key, step, 0
+        if key > self.best_score:
+            self.best_score, self.best_step, self._evals_since_best = key, step, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         else:
             self._evals_since_best += 1
