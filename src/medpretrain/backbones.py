@@ -13,6 +13,10 @@ Registered backbones:
 - ``vit_tiny``: timm ``vit_tiny_patch16_224`` with a dynamic image size (the position embedding is resampled
   to whatever input it gets, odd sizes are padded to the patch size). ``small_stem=True`` means 4-pixel
   patches (a 28 px image gives 7×7 tokens instead of one); without it the patch size stays 16.
+
+Besides these, ``timm:<model>`` (e.g. ``timm:vit_small_patch16_224.dino``) is any timm model as published, the
+backbone a ``timm:<model>`` init brings with it (`medpretrain.inits.timm_hub`): its own stem, no small-stem
+variant, a dynamic image size for ViTs, and its pretrained config's normalisation instead of ImageNet's.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ class BackboneSpec:
     spark_stages: tuple[str, ...] = ()
     token_grid: bool = False  # features are tokens (ViT): maps are the patch tokens laid out on their grid
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The input normalisation. ImageNet's for every registered backbone whatever its init (one convention for a
+    # fair comparison); a timm:<model> backbone uses the one its published weights were trained with.
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
 
 # timm zero-initialises the last BatchNorm of each residual block, which leaves a random network's
@@ -102,6 +110,7 @@ for _spec in (
     BACKBONES.add(_spec.name, _spec)
 
 VIT_SMALL_PATCH = 4
+TIMM_PREFIX = "timm:"  # a backbone named timm:<model> is that timm model as published (module docstring)
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -119,18 +128,20 @@ def _small_resnet_stem(model: nn.Module) -> None:
 class Backbone(nn.Module):
     """A timm feature extractor (``model``, num_classes=0) with built-in input preparation."""
 
-    def __init__(self, name: str, model: nn.Module, *, small_stem: bool, family: str) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, *, small_stem: bool, family: str, spec: BackboneSpec | None = None
+    ) -> None:
         super().__init__()
         self.name = name
         self.small_stem = small_stem
         self.family = family
-        self.spec = get_spec(name)
+        self.spec = spec if spec is not None else get_spec(name)
         self.model = model
         self.num_features: int = int(model.num_features)
         # Non-persistent: the normalisation is a convention of this class, not a weight, so it never
         # appears in (or is expected from) checkpoints.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(self.spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.spec.std).view(1, 3, 1, 1), persistent=False)
         # NHWC convolutions: measured here (2 CPU cores, training) ResNet-18 at 28 px 278 → 342 img/s and
         # EfficientNet-Lite0 at 112 px 37 → 54 img/s; on GPUs it is what AMP's tensor cores want. Weights keep
         # their shapes and names, so state_dicts and checkpoints are unaffected.
@@ -183,7 +194,12 @@ def create_backbone(name: str, *, small_stem: bool = False, img_size: int | None
 
     `img_size` only matters for ``vit_tiny``: it sets the size the position embedding is created for
     (default 64 with 4-px patches, 224 otherwise); any other input size still works (resampled).
+    ``timm:<model>`` names any timm model as published (`timm_backbone`).
     """
+    if name.startswith(TIMM_PREFIX):
+        if small_stem:
+            raise MedpretrainError(f"backbone {name} has no small-image stem", "drop --small-stem for it")
+        return timm_backbone(name[len(TIMM_PREFIX) :])
     spec = get_spec(name)
     if small_stem and not spec.supports_small_stem:
         small = [n for n, s in BACKBONES.items() if s.supports_small_stem]
@@ -200,3 +216,39 @@ def create_backbone(name: str, *, small_stem: bool = False, img_size: int | None
     if small_stem and spec.family == "resnet":
         _small_resnet_stem(model)
     return Backbone(name, model, small_stem=small_stem, family=spec.family)
+
+
+def timm_backbone(model_name: str) -> Backbone:
+    """timm's `model_name` (random weights, the caller seeds torch) as the backbone ``timm:<model_name>``.
+
+    ViTs get a dynamic image size with the position embedding made for the published input size (so published
+    weights fit it unchanged) and resampled to any other; Grad-CAM reads a ViT's last block, else the deepest
+    map timm's `feature_info` names.
+    """
+    from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
+
+    if not timm.is_model(model_name):
+        raise MedpretrainError(f"timm has no model '{model_name}'", "see timm.list_models(pretrained=True)")
+    module = model_entrypoint(split_model_name_tag(model_name)[0]).__module__
+    is_vit = module == "timm.models.vision_transformer"
+    kwargs: dict[str, Any] = {"dynamic_img_size": True, "dynamic_img_pad": True} if is_vit else {}
+    model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    cfg = get_pretrained_cfg(model_name)
+    if is_vit:
+        gradcam = f"blocks.{len(model.blocks) - 1}.norm1"
+    else:
+        info = getattr(model, "feature_info", None) or [{"module": ""}]
+        gradcam = str(info[-1]["module"])
+    spec = BackboneSpec(
+        name=f"{TIMM_PREFIX}{model_name}",
+        timm_name=model_name,
+        supports_small_stem=False,
+        imagenet_source=f"Hugging Face cache {cfg.hf_hub_id if cfg else 'timm/' + model_name}",
+        family="vit" if is_vit else module.rsplit(".", 1)[-1],
+        gradcam_layer=gradcam,
+        token_grid=is_vit,
+        timm_kwargs=kwargs,
+        mean=tuple(float(v) for v in (cfg.mean if cfg and cfg.mean else IMAGENET_MEAN)),
+        std=tuple(float(v) for v in (cfg.std if cfg and cfg.std else IMAGENET_STD)),
+    )
+    return Backbone(spec.name, model, small_stem=False, family=spec.family, spec=spec)

@@ -84,7 +84,7 @@ def evaluate(
         str, typer.Option(help="MedMNIST flag (see `medpretrain datasets`), image folder or CSV manifest.")
     ],
     init: Annotated[
-        list[str], typer.Option(help="scratch, imagenet, or a checkpoint path. Repeat to compare several.")
+        list[str], typer.Option(help="scratch, imagenet, noise (the control), timm:MODEL or a checkpoint. Repeatable.")
     ] = ["scratch"],  # noqa: B006  (typer reads list defaults this way)
     backbone: Annotated[str, typer.Option(help="resnet18, resnet50, efficientnet_lite0, …")] = "resnet18",
     protocol: Annotated[list[str], typer.Option(help="linear, knn or finetune. Repeatable.")] = ["linear"],  # noqa: B006

@@ -91,8 +91,9 @@ class Cell:
 
     @property
     def init_kind(self) -> str:
-        """scratch, imagenet, checkpoint (a file the user brought) or pretrained (pre-trained by this study)."""
-        return "pretrained" if self.pretrained_here else self.init_spec.kind
+        """scratch, imagenet, checkpoint (a file the user brought, or timm:<model> weights), noise (the negative
+        control) or pretrained (pre-trained by this study)."""
+        return "pretrained" if self.pretrained_here else self.init_spec.record_kind
 
     def config(self) -> dict[str, Any]:
         config = asdict(self)

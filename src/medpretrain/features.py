@@ -1,7 +1,9 @@
 """Frozen-feature extraction and its disk cache.
 
 Features are keyed by (init, backbone, stem, dataset content, image size) and written once per split as
-`.npy`; the linear probe, kNN and later the report's embedding maps all read the same arrays.
+`.npy`; the linear probe, kNN and later the report's embedding maps all read the same arrays. An init kind
+without a network (``noise``) supplies its features itself (`InitKind.features`): they are made here, at the
+backbone's width, and cached like any other.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_with
-from medpretrain.backbones import Backbone
+from medpretrain.backbones import Backbone, create_backbone
 from medpretrain.data.base import SPLITS, Dataset
-from medpretrain.inits import InitSpec, build_model
+from medpretrain.inits import KINDS, InitSpec, build_model
 from medpretrain.runtime import default_device
 
 # Scratch features come from one fixed random network, so every linear/kNN cell on "scratch" probes the
@@ -85,23 +87,37 @@ class FeatureCache:
     ) -> dict[str, np.ndarray]:
         """Features of every split, from disk when cached, else extracted once and written atomically.
 
-        `bn_adapt` first re-estimates the network's BatchNorm statistics on the dataset's training images.
+        `bn_adapt` first re-estimates the network's BatchNorm statistics on the dataset's training images (an init
+        without a network has none to adapt).
         """
         key = self.key(init, backbone, small_stem, dataset, bn_adapt)
         paths = {split: self.path(key, split) for split in SPLITS}
         if all(p.exists() for p in paths.values()):
             return {split: np.load(p) for split, p in paths.items()}
-        model, _ = build_model(
-            backbone, init, small_stem=small_stem, seed=SCRATCH_FEATURE_SEED, img_size=dataset.image_size
-        )
-        if bn_adapt:
-            adapt_batchnorm(model, dataset.images["train"])
+        generate = KINDS[init.kind].features
+        if generate is not None:
+            # Only the width comes from the backbone; the images are never looked at (only how many there are).
+            width = create_backbone(backbone, small_stem=small_stem, img_size=dataset.image_size).num_features
+
+            def compute(split: str) -> np.ndarray:
+                return generate(init, width, split, len(dataset.images[split]))
+
+        else:
+            model, _ = build_model(
+                backbone, init, small_stem=small_stem, seed=SCRATCH_FEATURE_SEED, img_size=dataset.image_size
+            )
+            if bn_adapt:
+                adapt_batchnorm(model, dataset.images["train"])
+
+            def compute(split: str) -> np.ndarray:
+                return extract(model, dataset.images[split], progress=progress, desc=f"features {split}")
+
         out = {}
         for split, path in paths.items():
             if path.exists():
                 out[split] = np.load(path)
                 continue
-            out[split] = extract(model, dataset.images[split], progress=progress, desc=f"features {split}")
+            out[split] = compute(split)
             write_with(path, lambda tmp, arr=out[split]: np.save(tmp, arr), suffix=".npy")
         return out
 

@@ -57,7 +57,7 @@ def image_size_for(study: Study, dataset: str) -> int:
     own_sizes = [int(s) for s in own if s]
     base = max(own_sizes) if own_sizes else native_size(dataset, study.size)
     starts = [i if isinstance(i, str) else i.init for i in study.inits]
-    return max(base, IMAGENET_IMAGE_SIZE) if any(s.lower() == "imagenet" for s in starts) else base
+    return max(base, IMAGENET_IMAGE_SIZE) if any(parse_init(s).from_imagenet for s in starts) else base
 
 
 def check_distinct_inits(study: Study) -> None:

@@ -29,7 +29,7 @@ from medpretrain.atomic import write_text, write_with
 from medpretrain.data import load_dataset, load_unlabeled
 from medpretrain.data.base import DEFAULT_HFLIP
 from medpretrain.errors import MedpretrainError
-from medpretrain.inits import build_model, checkpoint_meta, parse_init, save_checkpoint
+from medpretrain.inits import build_model, check_pretraining_start, checkpoint_meta, parse_init, save_checkpoint
 from medpretrain.runtime import stable_hash, training_device
 from medpretrain.ssl import Method, get_method, method_config
 from medpretrain.ssl.base import TrainingClock
@@ -204,6 +204,7 @@ def pretrain(
     out_dir = Path(out_dir)
     method_cls = get_method(request.method)
     init = parse_init(request.init)
+    check_pretraining_start(init)  # before any data is read
     if request.image_size is None:
         request.image_size = (
             int(checkpoint_meta(init.path).get("image_size", request.size)) if init.path else request.size

@@ -47,7 +47,7 @@ COLUMNS: dict[str, str] = {
     "val_acc": "REAL",
     "steps": "INTEGER",  # optimiser steps actually taken (fine-tuning); NULL for frozen-feature protocols
     "augmentation": "TEXT",  # JSON: the training views, at least {"hflip": flip probability}
-    "init_kind": "TEXT",  # scratch | imagenet | checkpoint (brought by the user) | pretrained (by this study)
+    "init_kind": "TEXT",  # scratch | imagenet | checkpoint (a file or timm:) | noise | pretrained (by this study)
     "seconds": "REAL",
     "task": "TEXT",
     "size": "INTEGER",

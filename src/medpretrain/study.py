@@ -44,7 +44,7 @@ class Pretraining(BaseModel):
     @field_validator("init")
     @classmethod
     def _known_init(cls, value: str) -> str:
-        return _check_init_text(value)
+        return _check_init_text(value, start=True)
 
     @model_validator(mode="after")
     def _valid_hparams(self) -> Pretraining:
@@ -217,6 +217,16 @@ class Study(BaseModel):
                 raise ValueError(f"{name}: {err.message}; {err.hint}") from None
         return self
 
+    @model_validator(mode="after")
+    def _inits_have_networks(self) -> Study:
+        from medpretrain.inits import check_trainable, parse_init
+        from medpretrain.protocols import PROTOCOLS
+
+        for name, init in ((p, i) for p in self.protocols for i in self.inits if isinstance(i, str)):
+            if PROTOCOLS[name].trains_network:  # noise has no network: a one-line MedpretrainError as it is
+                check_trainable(parse_init(init), f"protocol {name}")
+        return self
+
     @property
     def dataset_specs(self) -> list[str]:
         return [d.spec if isinstance(d, DatasetEntry) else d for d in self.datasets]
@@ -239,12 +249,13 @@ def _member(value: str, registry: Any, what: str) -> str:
     return value
 
 
-def _check_init_text(value: str) -> str:
-    if value.strip().lower() in ("scratch", "imagenet"):
-        return value.strip().lower()
-    if not Path(value).expanduser().is_file():
-        raise ValueError(f"init '{value}' is neither scratch, imagenet nor an existing checkpoint file")
-    return str(Path(value).expanduser().resolve())
+def _check_init_text(value: str, *, start: bool = False) -> str:
+    from medpretrain.inits import init_text
+
+    try:
+        return init_text(value, start=start)  # the init-kind registry decides what an init is
+    except MedpretrainError as err:
+        raise ValueError(f"{err.message}; {err.hint}") from None
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

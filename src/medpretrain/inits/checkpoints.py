@@ -26,7 +26,9 @@ from medpretrain.inits.layouts import load_state_into
 from medpretrain.inits.report import LoadReport
 
 CHECKPOINT_FORMAT = "medpretrain/1"
-# Containers that wrap a state_dict in common checkpoint formats, most specific first.
+# Containers that wrap a state_dict in common checkpoint formats, most specific first. "teacher" comes before
+# "student": DINO's teacher (the EMA network) is the one DINO evaluates (its eval scripts' default
+# --checkpoint_key teacher), and a DINO file holds both.
 CONTAINER_KEYS: tuple[str, ...] = (
     "state_dict",
     "model_state_dict",
@@ -136,18 +138,24 @@ def _is_state_dict(obj: Any) -> bool:
     return tensors > 0 and tensors >= 0.9 * len(obj) and all(isinstance(k, str) for k in obj)
 
 
-def _find_state_dict(obj: Any, depth: int = 0) -> dict[str, Tensor] | None:
+def _locate_state_dict(obj: Any, depth: int = 0) -> tuple[dict[str, Tensor], tuple[str, ...]] | None:
+    """The state_dict in `obj` and the container keys leading to it (() at the top level)."""
     if isinstance(obj, torch.nn.Module):
-        return dict(obj.state_dict())
+        return dict(obj.state_dict()), ()
     if _is_state_dict(obj):
-        return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+        return {k: v for k, v in obj.items() if isinstance(v, Tensor)}, ()
     if isinstance(obj, Mapping) and depth < 3:
         for key in CONTAINER_KEYS:
             if key in obj:
-                found = _find_state_dict(obj[key], depth + 1)
+                found = _locate_state_dict(obj[key], depth + 1)
                 if found is not None:
-                    return found
+                    return found[0], (key, *found[1])
     return None
+
+
+def _find_state_dict(obj: Any) -> dict[str, Tensor] | None:
+    found = _locate_state_dict(obj)
+    return None if found is None else found[0]
 
 
 # --------------------------------------------------------------------------------------------------- own format
@@ -190,15 +198,21 @@ def save_checkpoint(
 def _load_checkpoint(backbone: Backbone, path: Path) -> LoadReport:
     """Put the weights of checkpoint file `path` (ours or a foreign layout) into `backbone`."""
     obj = _read_checkpoint(path)
+    notes: tuple[str, ...] = ()
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         state = obj.get("backbone")
         if not _is_state_dict(state):
             raise MedpretrainError(f"checkpoint {path} has no backbone weights", "it is incomplete; re-create it")
     else:
-        state = _find_state_dict(obj)
-        if state is None:
+        found = _locate_state_dict(obj)
+        if found is None:
             raise MedpretrainError(
                 f"checkpoint {path} holds no state_dict",
                 f"expected tensors at the top level or under one of: {', '.join(CONTAINER_KEYS)}",
             )
-    return load_state_into(backbone, state, source_label=f"checkpoint {path}")
+        state, where = found
+        if where:
+            others = [k for k in CONTAINER_KEYS if isinstance(obj, Mapping) and k in obj and k != where[0]]
+            also = f" (not {', '.join(repr(k) for k in others)})" if others else ""
+            notes = (f"weights from its {'/'.join(repr(k) for k in where)} entry{also}",)
+    return load_state_into(backbone, state, source_label=f"checkpoint {path}", notes=notes)

@@ -53,11 +53,11 @@ def _hf_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _hf_cached_file(repo_id: str) -> Path | None:
+def _hf_cached_file(repo_id: str, filenames: tuple[str, ...] = HF_FILES) -> Path | None:
     """A weight file of `repo_id` already in the local HF cache (lookup only, never a network call)."""
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in HF_FILES:
+    for filename in filenames:
         found = try_to_load_from_cache(repo_id, filename, cache_dir=_hf_cache_dir())
         if isinstance(found, str) and Path(found).is_file():
             return Path(found)

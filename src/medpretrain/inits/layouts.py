@@ -4,6 +4,19 @@ Recognised layouts: plain / torchvision / timm state_dicts (direct key names), a
 ``model.``, ``backbone.``, DDP ``module.``…), lightly-style ``nn.Sequential(*list(resnet.children())[:-1])``
 keys (``0.weight``, ``4.0.conv1.weight``), and, as a last resort, another implementation's names when tensor
 count, shapes and order all agree. The result is a `LoadReport` of loaded / missing / unexpected / skipped keys.
+
+Official self-supervised ImageNet checkpoints (tested with files written in their exact layouts):
+
+- DINO (Caron et al., ICCV 2021): ``{"teacher": ..., "student": ...}`` with ``backbone.`` keys (``module.backbone.``
+  under DDP: the student always, the teacher of a ResNet); the teacher is taken (`checkpoints.CONTAINER_KEYS`),
+  the ``head.`` (DINOHead) dropped;
+- SwAV (Caron et al., NeurIPS 2020): ``module.`` keys, ``projection_head`` and ``prototypes`` dropped (heads);
+- MoCo v2 (Chen et al., arXiv 2003.04297): ``state_dict`` of ``module.encoder_q.`` / ``module.encoder_k.`` and
+  ``module.queue``: the query encoder is loaded whatever the key order, its ``fc.0``/``fc.2`` MLP dropped;
+- MoCo v3 (Chen, Xie and He, ICCV 2021): ``module.base_encoder.`` / ``module.momentum_encoder.`` /
+  ``module.predictor.``: the base encoder is loaded, its ``fc`` (ResNet) or ``head`` (ViT) projector dropped;
+- SimCLR v1/v2 (Chen et al., ICML 2020; NeurIPS 2020) converted to torchvision (``{"state_dict": ...}`` of
+  tonylins/simclr-converter): torchvision names, the supervised ``fc`` dropped.
 """
 
 from __future__ import annotations
@@ -19,9 +32,33 @@ from medpretrain.inits.report import LoadReport, _is_counter, _preview
 
 # Classifier/projection heads are task-specific: dropped on purpose, reported as skipped, not unexpected.
 HEAD_NAMES: frozenset[str] = frozenset(
-    {"fc", "classifier", "head", "heads", "head_dist", "_fc", "projection_head", "prediction_head"}
+    {"fc", "classifier", "head", "heads", "head_dist", "_fc", "projection_head", "prediction_head", "prototypes"}
 )
 MIN_LOADED_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class KnownLayout:
+    """A checkpoint holding several copies of the network: `use` is the module to load, `others` the branches
+    that are dropped on purpose (a momentum copy, a queue, a predictor).
+
+    Without it, the two encoders match the backbone equally well and the first in key order would win: a file
+    re-saved with sorted keys would load MoCo's key encoder (``encoder_k`` < ``encoder_q``).
+    """
+
+    name: str
+    use: str
+    others: tuple[str, ...]
+
+    def applies(self, keys: list[str]) -> bool:
+        segments = {part for key in keys for part in key.split(".")}
+        return self.use in segments and any(other in segments for other in self.others)
+
+
+KNOWN_LAYOUTS: tuple[KnownLayout, ...] = (
+    KnownLayout("MoCo v2", use="encoder_q", others=("encoder_k", "queue", "queue_ptr")),
+    KnownLayout("MoCo v3", use="base_encoder", others=("momentum_encoder", "predictor")),
+)
 
 
 @dataclass
@@ -43,8 +80,11 @@ def _child_index_transform(children: list[str]) -> Callable[[str], str | None]:
     return remap
 
 
-def _best_name_match(source: Mapping[str, Tensor], target: Mapping[str, Tensor], children: list[str]) -> _Match:
-    """Pick the (prefix to strip, key transform) under which most source tensors land on target keys."""
+def _best_name_match(
+    source: Mapping[str, Tensor], target: Mapping[str, Tensor], children: list[str], layout: KnownLayout | None = None
+) -> _Match:
+    """Pick the (prefix to strip, key transform) under which most source tensors land on target keys; with a
+    known layout, among the prefixes that end at its `use` module."""
     transforms: dict[str, Callable[[str], str | None]] = {
         "direct": lambda rest: rest,
         "child-index": _child_index_transform(children),
@@ -59,6 +99,9 @@ def _best_name_match(source: Mapping[str, Tensor], target: Mapping[str, Tensor],
                 mapped = fn(rest)
                 if mapped is not None and mapped in target and target[mapped].shape == value.shape:
                     votes.setdefault((prefix, tname), {})[mapped] = key
+    if layout is not None:
+        wanted = {pt: v for pt, v in votes.items() if pt[0].endswith(f"{layout.use}.")}
+        votes = wanted or votes
     if not votes:
         return _Match("", "direct", {})
     order = list(votes)  # first-seen order breaks ties: the checkpoint's main module usually comes first
@@ -141,22 +184,30 @@ def _plan(
     return report, mismatched
 
 
-def load_state_into(backbone: Backbone, state: Mapping[str, Tensor], *, source_label: str) -> LoadReport:
+def load_state_into(
+    backbone: Backbone, state: Mapping[str, Tensor], *, source_label: str, notes: tuple[str, ...] = ()
+) -> LoadReport:
     """Load a state_dict of any supported layout into `backbone`, returning what matched.
 
     Strategy: strip whichever module prefix gives the most matches (Lightning ``model.``, ``backbone.``, DDP
-    ``module.``...), with direct key names or the lightly child-index remap; if nothing matches by name,
-    fall back to ordered shape-matching when counts and every shape agree. Head keys are dropped on purpose.
+    ``module.``...; for a `KNOWN_LAYOUTS` file the prefix of its `use` module), with direct key names or the
+    lightly child-index remap; if nothing matches by name, fall back to ordered shape-matching when counts and
+    every shape agree. Head keys are dropped on purpose. `notes` go into the report (e.g. which container).
     """
     target = backbone.model.state_dict()
     children = [name for name, _ in backbone.model.named_children()]
-    match = _best_name_match(state, target, children)
+    layout = next((known for known in KNOWN_LAYOUTS if known.applies(list(state))), None)
+    if layout is not None:
+        notes = (*notes, f"{layout.name} layout: loaded {layout.use}, dropped {', '.join(layout.others)}")
+    match = _best_name_match(state, target, children, layout)
     if not match.pairs:
         ordered = _ordered_shape_match(state, target)
         if ordered is not None:
             match = ordered
     transform = _child_index_transform(children) if match.transform == "child-index" else (lambda r: r)
-    report, mismatched = _plan(backbone, state, match, source_label=source_label, transform=transform)
+    report, mismatched = _plan(
+        backbone, state, match, source_label=source_label, transform=transform, extra_notes=notes
+    )
     n_loaded = sum(not _is_counter(k) for k in report.loaded)
     # Coverage by parameter count, not tensor count: many small BN vectors can match by shape alone
     # (e.g. resnet50 into resnet18) while every convolution stays random.

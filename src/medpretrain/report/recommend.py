@@ -21,8 +21,9 @@ from medpretrain.report.text import about, fmt
 from medpretrain.stats import ALPHA, Estimate, format_p
 
 # The cost model. What it costs to obtain an init: only a self-supervised pre-training of your own costs compute
-# before evaluation (ImageNet weights are downloaded; a checkpoint you brought exists).
-INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "pretrained": 1}
+# before evaluation (ImageNet weights are downloaded; a checkpoint you brought, timm:<model> weights included,
+# exists; the noise control is generated).
+INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "noise": 0, "pretrained": 1}
 # What a protocol costs to run is the protocol's own attribute (`Protocol.cost`, `cost_reason`): kNN fits nothing,
 # a linear probe fits a head on frozen features, fine-tuning trains the whole network. Compute per image also
 # grows with the image size (pixels).
