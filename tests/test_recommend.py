@@ -205,7 +205,7 @@ def test_budgets_keep_their_order_and_inputs_are_not_modified() -> None:
     assert texts[0].startswith("With about 5 labels per class (1% of the training labels, 10 labeled images)")
     assert texts[1].startswith("With about 500 labels per class (100% of the training labels, 1000 labeled images)")
     assert texts[2].startswith(
-        "With about 5 labels per class (5 labeled images per class, classes at most 10:1 imbalanced, 10 labeled images)"
+        "With about 5 labels per class (5 labeled images per class, classes 10:1 imbalanced, 10 labeled images)"
     )
     assert records == before
     # A budget without any validation result has nothing to rank: no sentence rather than a guess.

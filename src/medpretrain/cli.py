@@ -91,9 +91,11 @@ def evaluate(
     fraction: Annotated[list[float], typer.Option(help="Fraction of training labels, 0 < f ≤ 1. Repeatable.")] = [],  # noqa: B006
     shots: Annotated[list[int], typer.Option(help="Labeled images per class. Repeatable.")] = [],  # noqa: B006
     imbalance: Annotated[
-        float | None,
-        typer.Option(help="Make the labeled subset imbalanced: most/least frequent class ratio."),
-    ] = None,
+        list[float], typer.Option(help="Exact most/least frequent class ratio of the labels (1: balanced). Repeatable.")
+    ] = [],  # noqa: B006
+    mitigation: Annotated[
+        list[str], typer.Option(help="Linear/finetune: none, class_weighted, balanced_sampler, logit_adjustment.")
+    ] = [],  # noqa: B006
     seeds: Annotated[int, typer.Option(min=1, help="Number of seeds (0 … N-1): subset draw, init and training.")] = 1,
     size: Annotated[int, typer.Option(help="Source resolution of MedMNIST files: 28, 64, 128 or 224.")] = 28,
     image_size: Annotated[
@@ -163,7 +165,8 @@ def evaluate(
         get_protocol(name)
     get_spec(backbone)
     for budget_kw in [{"fraction": f} for f in fraction] + [{"shots": k} for k in shots]:
-        Budget(**budget_kw, imbalance=imbalance)
+        for ratio in imbalance or [None]:
+            Budget(**budget_kw, imbalance=ratio)
     if not fraction and not shots:
         raise MedpretrainError("no label budget given", "add --fraction 1.0 (all labels) or --shots 10")
     finetune_params = {
@@ -198,7 +201,8 @@ def evaluate(
             "small_stem": small_stem if small_stem is not None else any(stems),
             "inits": list(init),
             "protocols": list(protocol),
-            "budgets": {"fractions": list(fraction), "shots": list(shots), "imbalance": imbalance},
+            "budgets": {"fractions": list(fraction), "shots": list(shots), "imbalance": list(imbalance) or None},
+            "mitigations": list(mitigation),
             "seeds": seeds,
             "validation": validation,
             "hflip": hflip,

@@ -17,13 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from medpretrain.budgets import VALIDATION_POLICIES, Budget, select, select_validation
+from medpretrain.budgets import (
+    IMBALANCE_VERSION,
+    VALIDATION_POLICIES,
+    Budget,
+    allocation,
+    per_class,
+    select,
+    select_validation,
+)
 from medpretrain.data import Dataset, load_dataset
+from medpretrain.data.base import Task
 from medpretrain.data.images import RESIZE_MODES
 from medpretrain.errors import MedpretrainError
 from medpretrain.features import SCRATCH_FEATURE_SEED, FeatureCache
 from medpretrain.inits import InitSpec, parse_init
-from medpretrain.metrics import accuracy, auc, score
+from medpretrain.metrics import accuracy, auc, per_class_recall, score
+from medpretrain.mitigations import mitigation_of
 from medpretrain.protocols import EvalContext, get_protocol
 from medpretrain.runtime import cache_root, library_versions, stable_hash
 from medpretrain.stats import cell_intervals
@@ -106,6 +116,10 @@ class Cell:
         # A protocol whose procedure changed (e.g. fine-tuning in steps, not epochs) gets new keys, so rows
         # made by the old procedure are never reused as if they were the new one's.
         config["protocol_version"] = get_protocol(self.protocol).version
+        if self.budget.imbalance is not None:  # what `imbalance` means changed once (budgets.IMBALANCE_VERSION)
+            config["imbalance_version"] = IMBALANCE_VERSION
+        if config["params"].get("mitigation") == "none":  # the default spelt out is the same cell
+            config["params"] = {k: v for k, v in config["params"].items() if k != "mitigation"}
         if self.init_spec.kind == "scratch" and get_protocol(self.protocol).uses_features:
             config["feature_seed"] = SCRATCH_FEATURE_SEED
         return config
@@ -172,6 +186,11 @@ def run_cell(
     protocol = get_protocol(cell.protocol)
     full = cell_dataset(cell, out_dir)
     train_idx = select(full.labels["train"], full.task, cell.budget, cell.seed, full.classes)
+    requested = (
+        len(train_idx)
+        if full.task is Task.MULTILABEL
+        else allocation(full.labels["train"], full.task, cell.budget, full.classes).requested
+    )
     val_idx = validation_subset(full, cell.validation, len(train_idx) / len(full.labels["train"]), cell.seed)
     dataset = restrict_validation(full, val_idx)
     hflip = cell.hflip if cell.hflip is not None else dataset.default_hflip
@@ -209,9 +228,13 @@ def run_cell(
         "seed": cell.seed,
         "n_labeled": len(train_idx),
         "n_val": len(y_val),
+        "n_per_class": per_class(full.labels["train"][train_idx], full.task, full.num_classes),
+        "n_requested": requested,
+        "mitigation": mitigation_of(cell.params),
         "steps": prediction.steps,
         "augmentation": {"hflip": hflip, **prediction.augmentation},
         **metrics,
+        "recall_per_class": per_class_recall(y_test, prediction.test_proba, dataset.task),
         **intervals,
         "val_auc": auc(y_val, prediction.val_proba, dataset.task),
         "val_acc": accuracy(y_val, prediction.val_proba, dataset.task),

@@ -7,14 +7,15 @@ same execution path (`runner.run_study` → an executor).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from medpretrain.budgets import Budget
+from medpretrain.budgets import Budget, ratios_of
 from medpretrain.data import load_dataset, parse_subset, source_of
 from medpretrain.errors import MedpretrainError
 from medpretrain.evaluate import Cell
 from medpretrain.inits import checkpoint_meta, parse_init
+from medpretrain.mitigations import mitigation_grid
 from medpretrain.pretrain import PretrainRequest, target_hflip
 from medpretrain.protocols import get_protocol
 from medpretrain.study import IMAGENET_IMAGE_SIZE, Pretraining, Study
@@ -80,10 +81,22 @@ def check_distinct_inits(study: Study) -> None:
 
 
 def budgets_of(study: Study) -> list[Budget]:
+    """Fractions, then shots, each at every imbalance ratio of the study."""
     b = study.budgets
-    return [Budget(fraction=f, imbalance=b.imbalance) for f in b.fractions] + [
-        Budget(shots=k, imbalance=b.imbalance) for k in b.shots
+    return [Budget(fraction=f, imbalance=r) for f in b.fractions for r in ratios_of(b.imbalance)] + [
+        Budget(shots=k, imbalance=r) for k in b.shots for r in ratios_of(b.imbalance)
     ]
+
+
+def with_mitigations(study: Study, cells: list[Cell]) -> list[Cell]:
+    """Each cell once per mitigation of the study (`mitigations.mitigation_grid`), side by side so they share the
+    cell's features; `none` leaves the params as they are, so its cells keep their keys."""
+    out = []
+    for cell in cells:
+        for name in mitigation_grid(study.mitigations, cell.protocol):
+            params = cell.params if name in (None, "none") else {**cell.params, "mitigation": name}
+            out.append(replace(cell, params=params))
+    return out
 
 
 def pretrain_jobs(study: Study) -> list[PretrainJob]:
@@ -151,7 +164,7 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str | None, int], Path
                                 pretrained_here=isinstance(init, Pretraining),
                             )
                         )
-    return cells
+    return with_mitigations(study, cells)
 
 
 def explanation_cells(cells: list[Cell]) -> dict[str, Path]:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from medpretrain.atomic import write_with
+from medpretrain.mitigations import mitigation_of
 
 # Column order of the table and of the exported JSON objects; the first block is the public contract.
 COLUMNS: dict[str, str] = {
@@ -33,6 +34,9 @@ COLUMNS: dict[str, str] = {
     "seed": "INTEGER",
     "n_labeled": "INTEGER",
     "n_val": "INTEGER",  # validation images the cell could select on (policy `full` or `matched`)
+    "n_per_class": "TEXT",  # JSON list: labelled training images per class (positives per label, multi-label)
+    "n_requested": "INTEGER",  # labels the budget asked for; above n_labeled when an r:1 subset had to shrink
+    "mitigation": "TEXT",  # imbalance mitigation of linear / finetune (medpretrain.mitigations); none otherwise
     "auc": "REAL",
     "auc_ci_low": "REAL",
     "auc_ci_high": "REAL",
@@ -43,6 +47,7 @@ COLUMNS: dict[str, str] = {
     "f1_macro": "REAL",
     "kappa": "REAL",
     "ece": "REAL",
+    "recall_per_class": "TEXT",  # JSON list: test recall of each class (each label at 0.5, multi-label)
     "val_auc": "REAL",  # of the model chosen on validation: the report ranks inits on it, never on test
     "val_acc": "REAL",
     "steps": "INTEGER",  # optimiser steps actually taken (fine-tuning); NULL for frozen-feature protocols
@@ -64,7 +69,7 @@ COLUMNS: dict[str, str] = {
     "versions": "TEXT",  # JSON: library versions
     "created_at": "TEXT",
 }
-JSON_COLUMNS = ("augmentation", "config", "chosen", "history", "extra", "versions")
+JSON_COLUMNS = ("n_per_class", "recall_per_class", "augmentation", "config", "chosen", "history", "extra", "versions")
 
 
 class Store:
@@ -164,6 +169,8 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
     for column in JSON_COLUMNS:
         if out.get(column) is not None:
             out[column] = json.loads(out[column])
+    if out.get("mitigation") is None:  # a row stored before the column existed: its params say
+        out["mitigation"] = mitigation_of((out.get("config") or {}).get("params") or {})
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,7 @@ from medpretrain.errors import MedpretrainError
 # Measured here (BENCHMARKS.md): ImageNet features need upsampled inputs — EfficientNet-Lite0 linear probe on
 # pneumoniamnist, AUC 0.70 at 28 px vs 0.93 at 112 px — so a study with ImageNet-derived inits defaults to 112.
 IMAGENET_IMAGE_SIZE = 112
+Ratio = Annotated[float, Field(ge=1)]
 
 
 class Pretraining(BaseModel):
@@ -70,7 +71,9 @@ class Budgets(BaseModel):
 
     fractions: list[float] = Field(default_factory=list)
     shots: list[int] = Field(default_factory=list)
-    imbalance: float | None = Field(None, gt=1, description="most/least frequent class ratio of the labeled subset")
+    # Exactly r:1 between the most and the least frequent class of the labelled subset (budgets.allocate), 1 =
+    # balanced; a list gives one budget per ratio (null in it: the data's own class frequencies).
+    imbalance: Ratio | list[Ratio | None] | None = None
 
     @field_validator("fractions")
     @classmethod
@@ -133,6 +136,8 @@ class Study(BaseModel):
     # Protocol parameters: `params: {protocol: {...}}` for any registered protocol; the per-protocol keys
     # `finetune:`, `linear:` and `knn:` are the same, kept because study files use them.
     params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Imbalance mitigations to compare: one cell each for protocols with a `mitigation` parameter (linear, finetune)
+    mitigations: list[str] = Field(default_factory=list)
     finetune: dict[str, Any] = Field(default_factory=dict)
     linear: dict[str, Any] = Field(default_factory=dict)
     knn: dict[str, Any] = Field(default_factory=dict)
@@ -208,6 +213,7 @@ class Study(BaseModel):
 
     @model_validator(mode="after")
     def _protocol_params(self) -> Study:
+        from medpretrain.mitigations import check_grid
         from medpretrain.protocols import get_protocol
 
         for name in sorted({"finetune", "linear", "knn", *self.params}):
@@ -215,6 +221,7 @@ class Study(BaseModel):
                 get_protocol(name).validate_params(self.params_for(name))
             except MedpretrainError as err:
                 raise ValueError(f"{name}: {err.message}; {err.hint}") from None
+        check_grid(self.mitigations, [p for p in self.protocols if "mitigation" in self.params_for(p)])
         return self
 
     @model_validator(mode="after")
@@ -234,8 +241,12 @@ class Study(BaseModel):
     @property
     def n_cells(self) -> int:
         """The size of the grid: datasets × inits × protocols × budgets × seeds."""
-        n_budgets = len(self.budgets.fractions) + len(self.budgets.shots)
-        return len(self.dataset_specs) * len(self.inits) * len(self.protocols) * n_budgets * self.seeds
+        from medpretrain.budgets import ratios_of
+        from medpretrain.mitigations import mitigation_grid
+
+        n_budgets = (len(self.budgets.fractions) + len(self.budgets.shots)) * len(ratios_of(self.budgets.imbalance))
+        per_init = sum(len(mitigation_grid(self.mitigations, p)) for p in self.protocols)
+        return len(self.dataset_specs) * len(self.inits) * per_init * n_budgets * self.seeds
 
     def params_for(self, protocol: str) -> dict[str, Any]:
         """The protocol's parameters: `params[protocol]` over the legacy per-protocol key of the same name."""

@@ -9,7 +9,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-GROUP_BY = ("dataset", "image_size", "backbone", "protocol", "init", "fraction", "shots", "imbalance")
+GROUP_BY = ("dataset", "image_size", "backbone", "protocol", "init", "mitigation", "fraction", "shots", "imbalance")
 SUMMARY_METRICS = ("auc", "acc", "balanced_acc", "kappa")
 
 
@@ -54,7 +54,7 @@ def print_summary(rows: list[dict[str, Any]], console: Console | None = None) ->
         table.add_row(
             r["dataset"],
             str(r["image_size"]),
-            r["init"],
+            r["init"] + (f" · {r['mitigation']}" if r.get("mitigation") not in (None, "none") else ""),
             r["protocol"],
             r["budget"],
             f"{r['n_labeled']:.0f}",

@@ -7,7 +7,6 @@ Section 9 of the report and the header's count of planned cells. Everything is r
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -129,6 +128,8 @@ def planned_cells(study: Any) -> int | None:
     budgets, seeds = study.get("budgets"), study.get("seeds")
     if isinstance(budgets, dict):
         n_budgets = len(budgets.get("fractions") or []) + len(budgets.get("shots") or [])
+        ratios = budgets.get("imbalance")  # a list of ratios is one budget per ratio
+        n_budgets *= len(ratios) if isinstance(ratios, list) and ratios else 1
     elif isinstance(budgets, list):
         n_budgets = len(budgets)
     else:
@@ -137,7 +138,18 @@ def planned_cells(study: Any) -> int | None:
     lists = [study.get(k) for k in ("datasets", "inits", "protocols")]
     if not isinstance(n_seeds, int) or not all(isinstance(v, list) for v in lists):
         return None
-    return math.prod(len(v) for v in lists) * n_budgets * n_seeds  # type: ignore[arg-type]
+    datasets, inits, protocols = lists
+    mitigations = study.get("mitigations") or []
+    # Protocols that take a mitigation run once per mitigation of the study's grid (mitigations.mitigation_grid).
+    per_init = sum(len(mitigations) if mitigations and _takes_mitigation(p) else 1 for p in protocols)  # type: ignore
+    return len(datasets) * len(inits) * per_init * n_budgets * n_seeds  # type: ignore[arg-type]
+
+
+def _takes_mitigation(protocol: str) -> bool:
+    from medpretrain.mitigations import takes_mitigation
+    from medpretrain.protocols import PROTOCOLS
+
+    return protocol in PROTOCOLS and takes_mitigation(protocol)
 
 
 def _span(values: list[int]) -> str:

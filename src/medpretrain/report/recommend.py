@@ -41,7 +41,8 @@ def _budget_phrase(rec: Record) -> str:
         text = f"{rec['fraction'] * 100:g}% of the training labels"
     else:
         text = f"{rec['shots']} labeled images per class"
-    return text + (f", classes at most {rec['imbalance']:g}:1 imbalanced" if rec.get("imbalance") else "")
+    # Exactly r:1 between the most and the least frequent class (budgets.allocate), not "at most".
+    return text + (f", classes {rec['imbalance']:g}:1 imbalanced" if rec.get("imbalance") else "")
 
 
 def _phrase(arm: str) -> str:

@@ -16,7 +16,7 @@ import jinja2
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_text
-from medpretrain.report import figures, provenance, tables
+from medpretrain.report import figures, imbalance, provenance, tables
 from medpretrain.report.recommend import recommend
 from medpretrain.report.run import Run
 from medpretrain.report.text import duration
@@ -34,6 +34,7 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("per_class", "Per-class results of the best initialisation"),
     ("recommendation", "Recommendation"),
     ("config", "Study configuration and provenance"),
+    ("imbalance", "Class imbalance: ratio, mitigations and per-class recall"),
 )
 
 
@@ -52,6 +53,7 @@ STEPS: tuple[tuple[str, Callable[[Run], Any]], ...] = (
     ("per_class", tables.per_class),
     ("recommendation", _recommendation),
     ("config", provenance.config),
+    ("imbalance", imbalance.imbalance),
 )
 
 

@@ -87,23 +87,25 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _arm_labels(rows: list[dict[str, Any]]) -> dict[tuple, str]:
-    """Display label per (dataset, init, backbone, image_size): the init label, plus backbone and/or image
-    size only where one init label covers several of them in a data set (otherwise they would merge)."""
+    """Display label per (dataset, init, backbone, image_size, mitigation): the init label, plus backbone and/or
+    image size only where one init label covers several of them in a data set (otherwise they would merge), plus
+    the imbalance mitigation when there is one (each is an arm of its own: its cells differ)."""
     variants: dict[tuple[str, str], set[tuple[str, int]]] = defaultdict(set)
     for r in rows:
         variants[(r["dataset"], r["init"])].add((r["backbone"], r["image_size"]))
     labels = {}
-    for (dataset, init), combos in variants.items():
+    for r in rows:
+        combos = variants[(r["dataset"], r["init"])]
         backbones = {b for b, _ in combos}
         sizes = {s for _, s in combos}
-        for backbone, size in combos:
-            extra = ([backbone] if len(backbones) > 1 else []) + ([f"{size} px"] if len(sizes) > 1 else [])
-            labels[(dataset, init, backbone, size)] = f"{init} ({', '.join(extra)})" if extra else init
+        extra = ([r["backbone"]] if len(backbones) > 1 else []) + ([f"{r['image_size']} px"] if len(sizes) > 1 else [])
+        label = f"{r['init']} ({', '.join(extra)})" if extra else r["init"]
+        labels[_arm_key(r)] = label if _arm_key(r)[-1] == "none" else f"{label} · {_arm_key(r)[-1]}"
     return labels
 
 
 def _arm_key(r: dict[str, Any]) -> tuple:
-    return (r["dataset"], r["init"], r["backbone"], r["image_size"])
+    return (r["dataset"], r["init"], r["backbone"], r["image_size"], r.get("mitigation") or "none")
 
 
 class Run:
@@ -154,7 +156,7 @@ class Run:
             if r["arm"] not in seen:
                 seen.append(r["arm"])
         rank = {"scratch": 0, "ImageNet": 1}
-        return sorted(seen, key=lambda a: (rank.get(a.split(" (")[0], 2), seen.index(a)))
+        return sorted(seen, key=lambda a: (rank.get(a.split(" · ")[0].split(" (")[0], 2), seen.index(a)))
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:

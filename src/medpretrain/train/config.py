@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medpretrain.augment import ViewRecipe
 
@@ -26,6 +26,8 @@ class FinetuneConfig(BaseModel):
       mark laterality), so pre-training and fine-tuning of one study flip alike.
     - `max_time` (seconds) stops training early; the best evaluation so far is still the one kept.
     - `train_eval_max` caps the un-augmented pass over the labelled subset for the overfitting gap.
+    - `mitigation` for imbalanced classes (medpretrain.mitigations: class_weighted, balanced_sampler,
+      logit_adjustment with `tau`); `class_weighted: true` is the older spelling of `mitigation: class_weighted`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,6 +47,8 @@ class FinetuneConfig(BaseModel):
     evals: int = Field(20, ge=1)
     patience: int = Field(6, ge=0)
     class_weighted: bool = False
+    mitigation: str = "none"
+    tau: float = Field(1.0, ge=0)
     augment: bool = True
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     max_time: float | None = Field(None, gt=0)
@@ -66,6 +70,24 @@ class FinetuneConfig(BaseModel):
         if not values or any(v <= 0 for v in values):
             raise ValueError(f"lr must be a positive number or a non-empty list of them, got {list(values)}")
         return tuple(dict.fromkeys(values))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_mitigation(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("class_weighted"):
+            if data.get("mitigation", "none") not in ("none", "class_weighted"):
+                raise ValueError("class_weighted is the mitigation 'class_weighted': give one mitigation, not two")
+            data = {**data, "mitigation": "class_weighted"}
+        return data
+
+    @field_validator("mitigation")
+    @classmethod
+    def _known_mitigation(cls, value: str) -> str:
+        from medpretrain.mitigations import MITIGATIONS
+
+        if value not in MITIGATIONS:
+            raise ValueError(f"unknown mitigation '{value}'; allowed: {', '.join(MITIGATIONS.names())}")
+        return value
 
     @field_validator("precision")
     @classmethod

@@ -22,12 +22,21 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from medpretrain.backbones import Backbone
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.metrics import probabilities
+from medpretrain.mitigations import get_mitigation
 from medpretrain.runtime import default_device, training_device
 from medpretrain.train.classifier import Classifier, predict_logits
 from medpretrain.train.config import FinetuneConfig, StepPlan
@@ -58,17 +67,6 @@ class FinetuneResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def _class_weight(labels: np.ndarray, task: Task, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency CE weights (mean 1 over the sample), or neg/pos `pos_weight` for multi-label."""
-    if task is Task.MULTILABEL:
-        pos = labels.sum(axis=0).astype(np.float64)
-        neg = len(labels) - pos
-        return torch.tensor(np.clip(neg / np.maximum(pos, 1.0), 0.0, 100.0), dtype=torch.float32)
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
-    return torch.tensor(weights, dtype=torch.float32)
-
-
 def _labels_tensor(y: np.ndarray, task: Task) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(y))
     return t.float() if task is Task.MULTILABEL else t.long().view(-1)
@@ -92,15 +90,25 @@ def _check_inputs(dataset: Dataset, train_idx: np.ndarray) -> np.ndarray:
 
 
 def _batches(
-    tensors: tuple[torch.Tensor, ...], batch_size: int, *, shuffle: bool, drop_last: bool = False, seed: int = 0
+    tensors: tuple[torch.Tensor, ...],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool = False,
+    seed: int = 0,
+    weights: np.ndarray | None = None,
 ) -> DataLoader:
     """Whole batches by one fancy index each (a BatchSampler feeding `TensorDataset[list]`), not one
     `__getitem__` and a collate per image: the same batches as `DataLoader(shuffle=...)` draws with the same
-    generator, at a fraction of the Python overhead, and cheap on tensors that live on the GPU."""
+    generator, at a fraction of the Python overhead, and cheap on tensors that live on the GPU. With `weights`,
+    images are drawn with replacement in proportion to them (the balanced sampler), as many per epoch as there are."""
     dataset = TensorDataset(*tensors)
-    order = (
-        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(dataset)
-    )
+    generator = torch.Generator().manual_seed(seed)
+    order: Sampler[int]
+    if weights is not None:
+        order = WeightedRandomSampler(weights.tolist(), len(dataset), replacement=True, generator=generator)
+    else:
+        order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last), batch_size=None)
 
 
@@ -112,7 +120,10 @@ def _loaders(
     device = training_device()
     x_train = dataset.images["train"][torch.as_tensor(idx)].to(device)
     y_train = _labels_tensor(dataset.labels["train"][idx], task).to(device)
-    train_loader = _batches((x_train, y_train), plan.batch_size, shuffle=True, drop_last=plan.drop_last, seed=seed)
+    weights = get_mitigation(cfg.mitigation).sampling_weights(dataset.labels["train"][idx], dataset.num_classes)
+    train_loader = _batches(
+        (x_train, y_train), plan.batch_size, shuffle=True, drop_last=plan.drop_last, seed=seed, weights=weights
+    )
     # Train side of the overfitting gap: an un-augmented eval-mode pass over (a fixed sample of) the subset.
     sub = torch.arange(len(idx))
     if len(idx) > cfg.train_eval_max:
@@ -143,7 +154,9 @@ def _fit_one(
     pl.seed_everything(seed, workers=True, verbose=False)
     plan = StepPlan.of(len(idx), cfg)
     train_loader, eval_loaders = _loaders(dataset, idx, task, plan, cfg, seed)
-    weight = _class_weight(dataset.labels["train"][idx], task, dataset.num_classes) if cfg.class_weighted else None
+    mitigation, y = get_mitigation(cfg.mitigation), dataset.labels["train"][idx]
+    weight = mitigation.loss_weights(y, task, dataset.num_classes)
+    offset = mitigation.logit_offset(y, dataset.num_classes, cfg.tau)  # None but for logit_adjustment
     module = FinetuneModule(
         Classifier(copy.deepcopy(backbone), dataset.num_classes),
         task,
@@ -152,7 +165,8 @@ def _fit_one(
         backbone_lr_scale=backbone_lr_scale,
         plan=plan,
         recipe=cfg.recipe(hflip),
-        class_weight=weight,
+        class_weight=None if weight is None else torch.tensor(weight, dtype=torch.float32),
+        logit_offset=None if offset is None else torch.tensor(offset, dtype=torch.float32),
         aug_seed=seed,
     )
     # One device: validation metrics and best-state tracking are exact only without DDP's padded sharding,
@@ -199,6 +213,7 @@ def finetune(
     """
     idx = _check_inputs(dataset, train_idx)
     task = Task(dataset.task)
+    get_mitigation(cfg.mitigation).check(task)
     scale = cfg.pretrained_backbone_lr_scale if pretrained else 1.0
     start = time.perf_counter()
     best: tuple[tuple[float, float], float, FinetuneModule] | None = None

@@ -44,6 +44,7 @@ class FinetuneModule(pl.LightningModule):
         recipe: ViewRecipe | None,
         class_weight: torch.Tensor | None,
         aug_seed: int,
+        logit_offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model, self.task, self.cfg, self.plan, self.recipe = model, task, cfg, plan, recipe
@@ -52,6 +53,12 @@ class FinetuneModule(pl.LightningModule):
             self.register_buffer("class_weight", class_weight)
         else:
             self.class_weight = None
+        # τ·log prior added to the logits in the training loss only (Menon et al., ICLR 2021, logit-adjusted
+        # softmax cross-entropy); validation and prediction use the plain logits.
+        if logit_offset is not None:
+            self.register_buffer("logit_offset", logit_offset)
+        else:
+            self.logit_offset = None
         self.aug_seed = aug_seed
         self._aug_gen: torch.Generator | None = None
         self.history: list[dict[str, float]] = []
@@ -84,7 +91,8 @@ class FinetuneModule(pl.LightningModule):
             if self.cfg.label_smoothing > 0:
                 target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
             return F.binary_cross_entropy_with_logits(logits.float(), target, pos_weight=self.class_weight)
-        return F.cross_entropy(logits.float(), y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing)
+        logits = logits.float() if self.logit_offset is None else logits.float() + self.logit_offset
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
