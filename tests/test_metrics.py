@@ -55,8 +55,7 @@ def test_multilabel_ece_is_the_mean_of_per_label_ece():
     y = rng.integers(0, 2, (300, 3))
     proba = np.clip(y * 0.5 + rng.random((300, 3)) * np.array([0.5, 0.2, 0.9]), 0, 1)
     per_label = [
-        expected_calibration_error(y[:, j], np.stack([1 - proba[:, j], proba[:, j]], 1), Task.BINARY)
-        for j in range(3)
+        expected_calibration_error(y[:, j], np.stack([1 - proba[:, j], proba[:, j]], 1), Task.BINARY) for j in range(3)
     ]
     assert expected_calibration_error(y, proba, Task.MULTILABEL) == pytest.approx(np.mean(per_label))
 

@@ -87,7 +87,13 @@ def evaluate(
         list[str], typer.Option(help="scratch, imagenet, noise (the control), timm:MODEL or a checkpoint. Repeatable.")
     ] = ["scratch"],  # noqa: B006  (typer reads list defaults this way)
     backbone: Annotated[str, typer.Option(help="resnet18, resnet50, efficientnet_lite0, …")] = "resnet18",
-    protocol: Annotated[list[str], typer.Option(help="linear, knn or finetune. Repeatable.")] = ["linear"],  # noqa: B006
+    protocol: Annotated[
+        list[str], typer.Option(help="linear, knn, finetune, or the fusions concat and dvme. Repeatable.")
+    ] = ["linear"],  # noqa: B006
+    source: Annotated[
+        list[str],
+        typer.Option(help="Fusion (dvme, concat): an init whose features it combines. Repeat; default: every --init."),
+    ] = [],  # noqa: B006
     fraction: Annotated[list[float], typer.Option(help="Fraction of training labels, 0 < f ≤ 1. Repeatable.")] = [],  # noqa: B006
     shots: Annotated[list[int], typer.Option(help="Labeled images per class. Repeatable.")] = [],  # noqa: B006
     imbalance: Annotated[
@@ -207,7 +213,8 @@ def evaluate(
             "validation": validation,
             "hflip": hflip,
             "resize": resize,
-            **{name: finetune_params if name == "finetune" else frozen_params for name in protocol},
+            "sources": list(source) or None,
+            "params": {name: finetune_params if name == "finetune" else frozen_params for name in protocol},
         },
         "command line",
     )

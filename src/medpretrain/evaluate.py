@@ -102,7 +102,10 @@ class Cell:
     @property
     def init_kind(self) -> str:
         """scratch, imagenet, checkpoint (a file the user brought, or timm:<model> weights), noise (the negative
-        control) or pretrained (pre-trained by this study)."""
+        control) or pretrained (pre-trained by this study);
+        "fusion" for a cell over several inits (it needs every source)."""
+        if self.sources:
+            return "fusion"
         return "pretrained" if self.pretrained_here else self.init_spec.record_kind
 
     def config(self) -> dict[str, Any]:

@@ -134,37 +134,65 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str | None, int], Path
     seed s uses replicate s mod `pretrain_seeds`, so with several pre-trainings their variance is part of the
     seed-to-seed variance that the statistics count.
     """
-    protocols = sorted(study.protocols, key=lambda p: not get_protocol(p).uses_features)
+    protocols = sorted(study.protocols, key=lambda p: (get_protocol(p).fuses, not get_protocol(p).uses_features))
     cells = []
     for dataset in study.dataset_specs:
         image_size = image_size_for(study, dataset)
-        for init in study.inits:
-            label = init.display if isinstance(init, Pretraining) else None
-            for protocol in protocols:
+
+        def cell(
+            init: str,
+            protocol: str,
+            budget: Budget,
+            seed: int,
+            dataset: str = dataset,
+            image_size: int = image_size,
+            **extra: object,
+        ) -> Cell:
+            return Cell(
+                dataset=dataset,
+                size=study.size,
+                image_size=image_size,
+                backbone=study.backbone,
+                small_stem=study.small_stem,
+                init=init,
+                protocol=protocol,
+                budget=budget,
+                seed=seed,
+                params=study.params_for(protocol),
+                validation=study.validation,
+                resize=study.resize,
+                hflip=study.hflip,
+                **extra,  # type: ignore[arg-type]
+            )
+
+        def text(init: str | Pretraining, seed: int, dataset: str = dataset) -> str:
+            if isinstance(init, Pretraining):
+                return str(checkpoints[dataset, init.display, seed % study.pretrain_seeds])
+            return str(init)
+
+        for protocol in protocols:
+            if get_protocol(protocol).fuses:
+                # One cell per set of sources: its init is the first source, `sources` the rest.
+                sources = study.source_inits()
+                label = " + ".join(_display(s) for s in sources)
+                here = any(isinstance(s, Pretraining) for s in sources)
                 for budget in budgets_of(study):
                     for seed in range(study.seeds):
-                        replicate = seed % study.pretrain_seeds
-                        text = str(checkpoints[dataset, label, replicate]) if label is not None else str(init)
-                        cells.append(
-                            Cell(
-                                dataset=dataset,
-                                size=study.size,
-                                image_size=image_size,
-                                backbone=study.backbone,
-                                small_stem=study.small_stem,
-                                init=text,
-                                protocol=protocol,
-                                budget=budget,
-                                seed=seed,
-                                params=study.params_for(protocol),
-                                validation=study.validation,
-                                resize=study.resize,
-                                hflip=study.hflip,
-                                init_label=label,
-                                pretrained_here=isinstance(init, Pretraining),
-                            )
-                        )
+                        texts = [text(s, seed) for s in sources]
+                        cells.append(cell(texts[0], protocol, budget, seed, sources=tuple(texts[1:]),
+                                          init_label=label, pretrained_here=here))  # fmt: skip
+                continue
+            for init in study.inits:
+                label = init.display if isinstance(init, Pretraining) else None
+                for budget in budgets_of(study):
+                    for seed in range(study.seeds):
+                        cells.append(cell(text(init, seed), protocol, budget, seed, init_label=label,
+                                          pretrained_here=isinstance(init, Pretraining)))  # fmt: skip
     return with_mitigations(study, cells)
+
+
+def _display(init: str | Pretraining) -> str:
+    return init.display if isinstance(init, Pretraining) else parse_init(init).label
 
 
 def explanation_cells(cells: list[Cell]) -> dict[str, Path]:

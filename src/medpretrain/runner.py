@@ -20,6 +20,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_json
+from medpretrain.domain import write_domain_gaps
 from medpretrain.evaluate import Cell
 from medpretrain.executors import get_executor
 from medpretrain.plan import (  # re-exported: the runner's planning API before plan.py existed
@@ -110,6 +111,8 @@ def run_study(
             on_done=finished,
             on_start=lambda cell: bar.set_postfix_str(cell.label),
         )
+        # Domain-mismatch studies: how far each pre-training source is from each target (the report reads it).
+        write_domain_gaps(study, out, progress=progress)
         completed = True
     finally:
         bar.close()

@@ -127,6 +127,9 @@ class Study(BaseModel):
     small_stem: bool = False
     inits: list[str | Pretraining] = Field(min_length=1)
     protocols: list[str] = Field(default_factory=lambda: ["linear"], min_length=1)
+    # Which inits the fusion protocols (dvme, concat) combine: an init as written in `inits`, a pre-training's
+    # label or method, or any other init (scratch, imagenet, noise, a checkpoint). Default: every init.
+    sources: list[str] | None = Field(None, min_length=2)
     budgets: Budgets
     seeds: int = Field(3, ge=1)
     pretrain_seeds: int = Field(1, ge=1, description="pre-train each method N times; eval seed s uses s mod N")
@@ -225,6 +228,21 @@ class Study(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _fusion_sources(self) -> Study:
+        if any(get_fusion(p) for p in self.protocols):
+            self.source_inits()  # raises for an unknown or ambiguous source, or fewer than two
+        return self
+
+    def source_inits(self) -> list[str | Pretraining]:
+        """The inits the fusion protocols combine, resolved: `sources` (each matched to an init of the study
+        by its text, label or method, else taken as an init of its own), or every init."""
+        if self.sources is None:
+            if len(self.inits) < 2:
+                raise ValueError("a fusion protocol (dvme, concat) needs at least two inits or `sources`")
+            return list(self.inits)
+        return [_resolve_source(text, self.inits) for text in self.sources]
+
+    @model_validator(mode="after")
     def _inits_have_networks(self) -> Study:
         from medpretrain.inits import check_trainable, parse_init
         from medpretrain.protocols import PROTOCOLS
@@ -245,13 +263,52 @@ class Study(BaseModel):
         from medpretrain.mitigations import mitigation_grid
 
         n_budgets = (len(self.budgets.fractions) + len(self.budgets.shots)) * len(ratios_of(self.budgets.imbalance))
-        per_init = sum(len(mitigation_grid(self.mitigations, p)) for p in self.protocols)
-        return len(self.dataset_specs) * len(self.inits) * per_init * n_budgets * self.seeds
+        per_budget = sum(
+            (1 if get_fusion(p) else len(self.inits)) * len(mitigation_grid(self.mitigations, p))
+            for p in self.protocols
+        )
+        return len(self.dataset_specs) * per_budget * n_budgets * self.seeds
 
     def params_for(self, protocol: str) -> dict[str, Any]:
         """The protocol's parameters: `params[protocol]` over the legacy per-protocol key of the same name."""
         legacy = getattr(self, protocol, None) if protocol in ("finetune", "linear", "knn") else None
         return {**(legacy or {}), **self.params.get(protocol, {})}
+
+
+def get_fusion(protocol: str) -> bool:
+    """Whether a (registered) protocol combines several inits' features."""
+    from medpretrain.protocols import PROTOCOLS
+
+    return protocol in PROTOCOLS and PROTOCOLS[protocol].fuses
+
+
+def _resolve_source(text: str, inits: list[str | Pretraining]) -> str | Pretraining:
+    """A fusion source: the study init it names (its text, a pre-training's label or display, or method when
+    only one pre-training uses it), else an init of its own (keyword or checkpoint file)."""
+    wanted = text.strip()
+    named = [i for i in inits if isinstance(i, Pretraining) and wanted in (i.label, i.display)]
+    if named:
+        return named[0]
+    by_method = [i for i in inits if isinstance(i, Pretraining) and i.method == wanted]
+    if len(by_method) > 1:
+        raise ValueError(f"source '{text}' matches {len(by_method)} pre-trainings; name one by its label")
+    if by_method:
+        return by_method[0]
+    if not _is_init_text(wanted):
+        raise ValueError(
+            f"source '{text}' is neither an init of the study (its text, a pre-training's label or method) nor an "
+            "init of its own (scratch, imagenet or a checkpoint file)"
+        )
+    normal = _check_init_text(wanted)
+    return next((i for i in inits if isinstance(i, str) and _check_init_text(i) == normal), normal)
+
+
+def _is_init_text(value: str) -> bool:
+    try:
+        _check_init_text(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _member(value: str, registry: Any, what: str) -> str:

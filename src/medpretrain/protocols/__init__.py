@@ -1,6 +1,6 @@
 """Evaluation protocols, by name. Importing this package registers every built-in protocol."""
 
-from medpretrain.protocols import finetune, knn, linear  # noqa: F401  (imported to register)
+from medpretrain.protocols import finetune, fusion, knn, linear  # noqa: F401  (imported to register)
 from medpretrain.protocols.base import (
     PROTOCOLS,
     EvalContext,

@@ -62,6 +62,9 @@ class Protocol(ABC):
     # What running it costs, for the report's "the cheaper option" (lower is cheaper), and why, in words.
     cost: ClassVar[int] = 9
     cost_reason: ClassVar[str] = ""
+    # True for protocols that combine several inits' features (fusion): the planner makes one cell per set of
+    # sources (the study's `sources`), not one per init.
+    fuses: ClassVar[bool] = False
 
     @property
     def trains_network(self) -> bool:

@@ -25,7 +25,7 @@ class FineTune(Protocol):
     name = "finetune"
     description = "full fine-tuning (AdamW, warm-up + cosine, ≥ min_steps); lr and step chosen on validation AUC"
     uses_features = False
-    cost = 2
+    cost = 3
     cost_reason = "fine-tuning trains the whole network"
     version = 2  # 2: length in optimiser steps, lr grid, early stopping (1: a fixed number of epochs)
 

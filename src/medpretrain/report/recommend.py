@@ -23,7 +23,8 @@ from medpretrain.stats import ALPHA, Estimate, format_p
 # The cost model. What it costs to obtain an init: only a self-supervised pre-training of your own costs compute
 # before evaluation (ImageNet weights are downloaded; a checkpoint you brought, timm:<model> weights included,
 # exists; the noise control is generated).
-INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "noise": 0, "pretrained": 1}
+# A fusion (dvme, concat) needs every one of its sources, so it costs more than any single init.
+INIT_COST = {"scratch": 0, "imagenet": 0, "checkpoint": 0, "noise": 0, "pretrained": 1, "fusion": 2}
 # What a protocol costs to run is the protocol's own attribute (`Protocol.cost`, `cost_reason`): kNN fits nothing,
 # a linear probe fits a head on frozen features, fine-tuning trains the whole network. Compute per image also
 # grows with the image size (pixels).
@@ -53,7 +54,9 @@ def cheaper(a: Record, b: Record) -> str:
     """The cost model in one sentence: which of two records is cheaper to obtain and run, and why."""
     cost_a, cost_b = INIT_COST.get(a["init_kind"], 1), INIT_COST.get(b["init_kind"], 1)
     if cost_a != cost_b:
-        cheap = a if cost_a < cost_b else b
+        cheap, dear = (a, b) if cost_a < cost_b else (b, a)
+        if dear["init_kind"] == "fusion":
+            return f"{_phrase(cheap['arm'])} is the cheaper: it needs one initialisation, not every source of a fusion."
         return f"{_phrase(cheap['arm'])} is the cheaper: it needs no self-supervised pre-training of your own."
     if a["image_size"] != b["image_size"]:
         cheap, dear = (a, b) if a["image_size"] < b["image_size"] else (b, a)
@@ -107,6 +110,11 @@ def _sentence(best: Record, recs: Sequence[Record], comparisons: Sequence[Mappin
     )
     name = f"{_phrase(best['arm'])} ({protocol}, best on validation)"
     reference = _reference(best, [r for r in recs if r["protocol"] == protocol])
+    if reference is None and best["init_kind"] == "fusion":
+        # A fusion is measured against what it combines: of its tested alternatives (concat, each source alone),
+        # the one best on validation.
+        own = [e["other"] for e in comparisons if e["best"] is best]
+        reference = max(own, key=lambda r: _sort_value(r["val_auc_mean"]), default=None)
     if reference is None:
         text = (
             f"{lead}, {name} reaches test AUC {fmt(best['auc_mean'])}; no other initialisation was "

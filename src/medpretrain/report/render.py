@@ -16,7 +16,7 @@ import jinja2
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_text
-from medpretrain.report import figures, imbalance, provenance, tables
+from medpretrain.report import domain, figures, fusion, imbalance, provenance, tables
 from medpretrain.report.recommend import recommend
 from medpretrain.report.run import Run
 from medpretrain.report.text import duration
@@ -35,6 +35,8 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("recommendation", "Recommendation"),
     ("config", "Study configuration and provenance"),
     ("imbalance", "Class imbalance: ratio, mitigations and per-class recall"),
+    ("fusion", "Fusion: DVME and concatenation against their sources"),
+    ("domain", "Domain mismatch: source-to-target distance against the gain"),
 )
 
 
@@ -54,6 +56,8 @@ STEPS: tuple[tuple[str, Callable[[Run], Any]], ...] = (
     ("recommendation", _recommendation),
     ("config", provenance.config),
     ("imbalance", imbalance.imbalance),
+    ("fusion", fusion.section),
+    ("domain", domain.section),
 )
 
 

@@ -330,7 +330,8 @@ class Run:
 
     def family(self) -> list[dict[str, Any]]:
         """Every test the report shows, Holm-adjusted together: per (dataset, protocol, budget) the best arm on
-        validation against the runner-up, ImageNet transfer and training from scratch (each once, where present)."""
+        validation against the runner-up, ImageNet transfer and training from scratch (each once, where present),
+        and each fusion against concat and against each of its sources (report.fusion)."""
         if self._family is not None:
             return self._family
         family = []
@@ -359,6 +360,9 @@ class Run:
                             {"dataset": dataset, "protocol": protocol, "budget": budget, "best": best,
                              "other": other, "roles": roles[arm], "test": test}
                         )  # fmt: skip
+        from medpretrain.report.fusion import comparisons  # fusion's own tests join the one family
+
+        family.extend(comparisons(self))
         adjusted = holm([e["test"].p if e["test"] is not None else math.nan for e in family])
         for entry, p_adj in zip(family, adjusted, strict=True):
             entry["p_adj"] = p_adj
