@@ -115,7 +115,7 @@ def test_the_report_tests_a_fusion_against_concat_and_each_source(tmp_path: Path
 
     study = _study(budgets={"fractions": [1.0]}, params={"dvme": {"min_steps": 40, "lr": [1e-3], "width": 64}})
     result = run_study(study, tmp_path, progress=False, log=lambda _: None)
-    assert result.cells_run == study.n_cells == 2 * 3
+    assert result.cells_run == study.n_cells == 2 * (2 + 1 + 1)
     html = build_report(tmp_path).read_text(encoding="utf-8")
     run = Run(tmp_path)
     fusion_tests = [e for e in run.family() if e["best"]["init_kind"] == "fusion"]
