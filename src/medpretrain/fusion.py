@@ -31,9 +31,8 @@ from torch import nn
 from medpretrain.data.base import Task
 from medpretrain.metrics import probabilities
 from medpretrain.train.config import FinetuneConfig, StepPlan
-from medpretrain.train.finetune import _batches, _labels_tensor
+from medpretrain.train.finetune import _batches, _labels_tensor, train_module
 from medpretrain.train.module import FinetuneModule
-from medpretrain.train.trainer import make_trainer, quiet_lightning
 
 
 class MetaEmbedding(nn.Module):
@@ -134,19 +133,7 @@ def _fit_one(
     module = FinetuneModule(
         net, task, cfg, lr=lr, backbone_lr_scale=1.0, plan=plan, recipe=None, class_weight=None, aug_seed=seed
     )  # type: ignore[arg-type]  # DVMENet has the backbone/head pair FinetuneModule reads
-    # One device: the features are small, and selection on validation must see the whole split unsharded.
-    trainer = make_trainer(
-        max_epochs=-1,
-        max_steps=plan.total_steps,
-        precision=cfg.precision,
-        devices=1,
-        progress=progress,
-        val_check_interval=plan.eval_every,
-        check_val_every_n_epoch=None,
-    )
-    with quiet_lightning():
-        trainer.fit(module, train_dataloaders=train, val_dataloaders=evals)
-    return module
+    return train_module(module, plan, cfg, train, evals, progress=progress)
 
 
 def fit_dvme(
@@ -180,10 +167,9 @@ def fit_dvme(
         module = _fit_one(net, x, y, task, cfg, lr=lr, seed=seed, progress=progress)
         search.append({"lr": lr, "val_auc": module.best_score[0], "best_step": module.best_step,
                        "steps": int(module.global_step)})  # fmt: skip
-        if module.best_state is not None and (best is None or module.best_score > best[0]):
+        if best is None or module.best_score > best[0]:
             best = (module.best_score, lr, module)
-    if best is None:
-        raise RuntimeError("DVME stopped before its first validation")  # make_trainer has no time limit here
+    assert best is not None  # cfg.lr is never empty
     _, lr, module = best
     net = module.model.cpu()
     net.load_state_dict(module.best_state)  # type: ignore[arg-type]

@@ -137,6 +137,40 @@ def _loaders(
     return train_loader, evals
 
 
+def train_module(
+    module: FinetuneModule,
+    plan: StepPlan,
+    cfg: FinetuneConfig,
+    train_loader: DataLoader,
+    eval_loaders: list[DataLoader],
+    *,
+    progress: bool,
+) -> FinetuneModule:
+    """Run one module for `plan.total_steps` steps, validated every `plan.eval_every` (the one loop that
+    fine-tuning and DVME share); the module keeps its history and its best weights."""
+    # One device: validation metrics and best-state tracking are exact only without DDP's padded sharding,
+    # and fine-tuning at MedMNIST scale does not need more. Validation every `eval_every` global steps,
+    # across epoch boundaries (check_val_every_n_epoch=None), so a 1-batch epoch is not validated 500 times.
+    trainer = make_trainer(
+        max_epochs=-1,
+        max_steps=plan.total_steps,
+        max_time=cfg.max_time,
+        precision=cfg.precision,
+        devices=1,
+        progress=progress,
+        val_check_interval=plan.eval_every,
+        check_val_every_n_epoch=None,
+    )
+    with quiet_lightning():
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loaders)
+    if not module.history or module.best_state is None:
+        raise MedpretrainError(
+            "training stopped before its first validation, so no weights could be selected",
+            "raise max_time or lower the budget",
+        )
+    return module
+
+
 def _fit_one(
     backbone: Backbone,
     dataset: Dataset,
@@ -169,27 +203,7 @@ def _fit_one(
         logit_offset=None if offset is None else torch.tensor(offset, dtype=torch.float32),
         aug_seed=seed,
     )
-    # One device: validation metrics and best-state tracking are exact only without DDP's padded sharding,
-    # and fine-tuning at MedMNIST scale does not need more. Validation every `eval_every` global steps,
-    # across epoch boundaries (check_val_every_n_epoch=None), so a 1-batch epoch is not validated 500 times.
-    trainer = make_trainer(
-        max_epochs=-1,
-        max_steps=plan.total_steps,
-        max_time=cfg.max_time,
-        precision=cfg.precision,
-        devices=1,
-        progress=progress,
-        val_check_interval=plan.eval_every,
-        check_val_every_n_epoch=None,
-    )
-    with quiet_lightning():
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loaders)
-    if not module.history or module.best_state is None:
-        raise MedpretrainError(
-            "fine-tuning stopped before its first validation, so no weights could be selected",
-            "raise max_time or lower the budget",
-        )
-    return module
+    return train_module(module, plan, cfg, train_loader, eval_loaders, progress=progress)
 
 
 def finetune(
@@ -271,4 +285,4 @@ def finetune(
     )
 
 
-__all__ = ["FinetuneResult", "finetune"]
+__all__ = ["FinetuneResult", "finetune", "train_module"]
