@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import medpretrain.ssl  # noqa: F401  (registers the methods)
-from medpretrain.cli import parse_hparams
+from medpretrain.cli_support import parse_hparams
 from medpretrain.data import load_dataset
 from medpretrain.pretrain import PretrainRequest, pretrain
 from medpretrain.runner import run_study

@@ -185,7 +185,7 @@ def test_cost_model_reasons() -> None:
     linear = record("scratch", "scratch", protocol="linear")
     finetune = record("ImageNet", "imagenet", protocol="finetune")
     assert (
-        cheaper(finetune, linear) == "training from scratch (linear) is the cheaper: a linear probe trains no network."
+        cheaper(finetune, linear) == "Training from scratch (linear) is the cheaper: a linear probe trains no network."
     )
     ckpt = record("ckpt:mine", "checkpoint")
     assert cheaper(ckpt, record("scratch", "scratch")) == "Both cost about the same to obtain and run."

@@ -12,9 +12,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
+from medpretrain.cli_support import parse_hparams
 from medpretrain.errors import MedpretrainError
 
 app = typer.Typer(
@@ -61,17 +60,9 @@ def datasets(
     size: Annotated[int, typer.Option(help="MedMNIST image size to look for: 28, 64, 128 or 224.")] = 28,
 ) -> None:
     """List every known dataset: available here or not, where it was looked for, images per split, task."""
-    from medpretrain.data import data_dir, list_datasets
+    from medpretrain.cli_support import datasets_table
 
-    table = Table(title=f"MedMNIST v2 (2D) at {size} px — data directory {data_dir()}")
-    for column in ("dataset", "here", "train", "val", "test", "classes", "task", "looked for"):
-        table.add_column(column)
-    for info in list_datasets(size=size):
-        here = Text("yes", style="green") if info.available else Text("no", style="red")
-        task = info.task.value if hasattr(info.task, "value") else info.task
-        counts = (info.n_train, info.n_val, info.n_test, info.n_classes)
-        table.add_row(info.flag, here, *map(str, counts), str(task), str(info.path))
-    console.print(table)
+    console.print(datasets_table(size))
     console.print(
         "A folder (one sub-folder per class) or a CSV manifest (path,label[,split]) is accepted as --dataset too."
     )
@@ -229,29 +220,9 @@ def evaluate(
 @handle_errors
 def methods() -> None:
     """Every self-supervised pre-training method, one line each, with its default hyper-parameters."""
-    from medpretrain.ssl import METHODS
+    from medpretrain.cli_support import methods_table
 
-    table = Table(title="pre-training methods (override any default with --hp key=value)")
-    for column in ("method", "family", "what it does", "defaults"):
-        table.add_column(column, overflow="fold")
-    for name, cls in sorted(METHODS.items()):
-        defaults = ", ".join(f"{k}={v}" for k, v in cls.config_class().model_dump().items())
-        table.add_row(name, cls.family, cls.description, defaults)
-    console.print(table)
-
-
-def parse_hparams(pairs: list[str]) -> dict[str, Any]:
-    """`key=value` pairs; values are read as JSON when they parse (numbers, booleans, lists), else text."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise MedpretrainError(f"hyper-parameter '{pair}' is not key=value", "write e.g. --hp temperature=0.2")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    console.print(methods_table())
 
 
 @app.command()
@@ -388,6 +359,32 @@ def report_command(
     if not (out / "results.db").exists():
         raise MedpretrainError(f"{out} has no results.db", "give the --out folder of a `medpretrain run`")
     console.print(f"report: {build_report(out)}")
+
+
+@app.command()
+@handle_errors
+def forecast(
+    out: Annotated[Path, typer.Argument(help="A run directory written by `medpretrain run` or `evaluate`.")],
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="metric=level, repeatable (default: the study's targets, else auc=0.9 and auc=0.95)."),
+    ] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="Also write the rows as a JSON list here.")] = None,
+) -> None:
+    """Labels each init needs to reach a target metric, from learning curves fitted to the run (as in the report).
+
+    Example: `medpretrain forecast runs/quick --target auc=0.95 --json forecast.json`.
+    """
+    from medpretrain.report.forecast import forecasts, parse_targets, print_table
+    from medpretrain.report.run import Run
+
+    rows = forecasts(Run(out), parse_targets(target or []) or None)
+    print_table(rows, console)
+    if json_file is not None:
+        from medpretrain.atomic import write_text
+
+        write_text(json_file, json.dumps(rows, indent=1) + "\n")
+        console.print(f"forecasts: {json_file}")
 
 
 def main() -> None:  # pragma: no cover - console-script shim for `python -m medpretrain`

@@ -28,7 +28,7 @@ seed-level replication; scipy supplies the t distribution.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -311,6 +311,45 @@ def cell_intervals(
         low, high = np.percentile(boot, [2.5, 97.5]) if len(boot) else (np.nan, np.nan)
         out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = float(low), float(high)
     return out
+
+
+# ------------------------------------------------------------------------------------------ replicates
+
+
+def seed_draws(seeds: Sequence[int], n_rep: int = N_BOOTSTRAP, *, seed: int = 0) -> np.ndarray:
+    """(n_rep, S) seed labels drawn with replacement from `seeds` (S of them): the seed level of a two-level
+    bootstrap. The same labels, n_rep and seed give the same draws, so every arm and budget of a study that
+    uses them resamples the same seeds together: a seed's whole learning curve is one unit, and seed s of two
+    arms (which share its labelled subsets) stays paired."""
+    labels = np.asarray(sorted(set(seeds)))
+    rng = np.random.default_rng(seed)
+    return labels[rng.integers(0, len(labels), size=(n_rep, len(labels)))]
+
+
+def replicate_means(scored: Mapping[int, tuple[float, np.ndarray]], draws: np.ndarray) -> np.ndarray:
+    """(n_rep,) bootstrap replicates of a mean over seeds from both variance sources (a two-level bootstrap:
+    Davison & Hinkley, *Bootstrap Methods and their Application*, 1997, §3.8).
+
+    `scored`: seed → (point, values on the shared test resamples) as `TestResamples.scores` gives them;
+    `draws`: `seed_draws`. Replicate r = the seed mean on test resample r (mod B) — the test level, shared by
+    every arm and budget — plus the deviation of the mean over the seeds drawn for r from the mean over all,
+    scaled by √(S/(S−1)) so that its variance is the seed variance of a mean of S (the small-sample correction,
+    ibid. §2.4). Drawn seeds that this cell lacks are skipped (none left: all of its seeds). The seed level
+    carries each seed's own test noise a second time, which errs on the wide side by that small share.
+    """
+    labels = sorted(scored)
+    points = np.array([scored[s][0] for s in labels], dtype=float)
+    boots = np.stack([np.asarray(scored[s][1], dtype=float) for s in labels])
+    n_rep = len(draws)
+    test_level = boots.mean(axis=0)[np.arange(n_rep) % boots.shape[1]]
+    if len(labels) < 2:
+        return test_level
+    counts = (np.asarray(draws)[:, :, None] == np.asarray(labels)[None, None, :]).sum(axis=1).astype(float)
+    empty = counts.sum(axis=1) == 0
+    counts[empty] = 1.0
+    drawn_mean = counts @ points / counts.sum(axis=1)
+    inflation = math.sqrt(len(labels) / (len(labels) - 1))
+    return test_level + inflation * (drawn_mean - points.mean())
 
 
 # ------------------------------------------------------------------------------------------ multiplicity

@@ -9,110 +9,24 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medpretrain.errors import MedpretrainError
+from medpretrain.study_parts import (
+    Budgets,
+    DatasetEntry,
+    Pretraining,
+    check_init_text,
+    is_init_text,
+    member,
+)
 
 # Measured here (BENCHMARKS.md): ImageNet features need upsampled inputs — EfficientNet-Lite0 linear probe on
 # pneumoniamnist, AUC 0.70 at 28 px vs 0.93 at 112 px — so a study with ImageNet-derived inits defaults to 112.
 IMAGENET_IMAGE_SIZE = 112
-Ratio = Annotated[float, Field(ge=1)]
-
-
-class Pretraining(BaseModel):
-    """An init that the runner pre-trains first (once; the checkpoint is content-addressed and reused)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: str
-    epochs: int = Field(gt=0)
-    init: str = "scratch"  # scratch, imagenet or a checkpoint: "ImageNet, then self-supervised on the domain"
-    unlabeled_from: str | None = None  # pre-train on another dataset / image folder (domain-mismatch studies)
-    seed: int = Field(0, ge=0)
-    hparams: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        from medpretrain.ssl import METHODS
-
-        return _member(value, METHODS, "method")
-
-    @field_validator("init")
-    @classmethod
-    def _known_init(cls, value: str) -> str:
-        return _check_init_text(value, start=True)
-
-    @model_validator(mode="after")
-    def _valid_hparams(self) -> Pretraining:
-        from medpretrain.ssl import method_config
-
-        try:
-            method_config(self.method, self.hparams)
-        except MedpretrainError as err:
-            raise ValueError(f"{err.message}; {err.hint}") from None
-        return self
-
-    @property
-    def display(self) -> str:
-        if self.label:
-            return self.label
-        start = {"scratch": "", "imagenet": "ImageNet→"}.get(self.init.lower(), f"{Path(self.init).stem}→")
-        source = f" on {self.unlabeled_from}" if self.unlabeled_from else ""
-        return f"{start}{self.method} ({self.epochs} ep{source})"
-
-
-class Budgets(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    fractions: list[float] = Field(default_factory=list)
-    shots: list[int] = Field(default_factory=list)
-    # Exactly r:1 between the most and the least frequent class of the labelled subset (budgets.allocate), 1 =
-    # balanced; a list gives one budget per ratio (null in it: the data's own class frequencies).
-    imbalance: Ratio | list[Ratio | None] | None = None
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, values: list[float]) -> list[float]:
-        bad = [v for v in values if not 0 < v <= 1]
-        if bad:
-            raise ValueError(f"fractions must be in (0, 1], got {bad}")
-        return sorted(set(values))
-
-    @field_validator("shots")
-    @classmethod
-    def _shots(cls, values: list[int]) -> list[int]:
-        bad = [v for v in values if v < 1]
-        if bad:
-            raise ValueError(f"shots (labeled images per class) must be ≥ 1, got {bad}")
-        return sorted(set(values))
-
-    @model_validator(mode="after")
-    def _some(self) -> Budgets:
-        if not self.fractions and not self.shots:
-            raise ValueError("give at least one of fractions or shots, e.g. {fractions: [0.01, 0.1, 1.0]}")
-        return self
-
-
-class DatasetEntry(BaseModel):
-    """A dataset, optionally limited to a fixed stratified subset per split (quick studies)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    train: int | None = Field(None, ge=1)
-    val: int | None = Field(None, ge=1)
-    test: int | None = Field(None, ge=1)
-
-    @property
-    def spec(self) -> str:
-        from medpretrain.data import subset_spec
-
-        return subset_spec(self.name, {"train": self.train, "val": self.val, "test": self.test})
 
 
 class Study(BaseModel):
@@ -144,6 +58,20 @@ class Study(BaseModel):
     finetune: dict[str, Any] = Field(default_factory=dict)
     linear: dict[str, Any] = Field(default_factory=dict)
     knn: dict[str, Any] = Field(default_factory=dict)
+    # Learning-curve forecasts (medpretrain.forecast): labels needed to reach each target, per metric.
+    targets: dict[str, list[float]] = Field(default_factory=dict)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        from medpretrain.forecast import FORECAST_METRICS
+
+        for metric, levels in value.items():
+            member(metric, FORECAST_METRICS, "target metric")
+            bad = [t for t in levels if not 0 < t < 1]
+            if bad:
+                raise ValueError(f"targets for {metric} must lie in (0, 1), got {bad}")
+        return {metric: sorted(set(levels)) for metric, levels in value.items()}
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -194,14 +122,14 @@ class Study(BaseModel):
     def _known_backbone(cls, value: str) -> str:
         from medpretrain.backbones import BACKBONES
 
-        return _member(value, BACKBONES, "backbone")
+        return member(value, BACKBONES, "backbone")
 
     @field_validator("inits")
     @classmethod
     def _known_inits(cls, values: list[str | Pretraining]) -> list[str | Pretraining]:
         for value in values:
             if isinstance(value, str):
-                _check_init_text(value)
+                check_init_text(value)
         return values
 
     @field_validator("protocols")
@@ -294,36 +222,13 @@ def _resolve_source(text: str, inits: list[str | Pretraining]) -> str | Pretrain
         raise ValueError(f"source '{text}' matches {len(by_method)} pre-trainings; name one by its label")
     if by_method:
         return by_method[0]
-    if not _is_init_text(wanted):
+    if not is_init_text(wanted):
         raise ValueError(
             f"source '{text}' is neither an init of the study (its text, a pre-training's label or method) nor an "
             "init of its own (scratch, imagenet or a checkpoint file)"
         )
-    normal = _check_init_text(wanted)
-    return next((i for i in inits if isinstance(i, str) and _check_init_text(i) == normal), normal)
-
-
-def _is_init_text(value: str) -> bool:
-    try:
-        _check_init_text(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _member(value: str, registry: Any, what: str) -> str:
-    if value not in registry:
-        raise ValueError(f"unknown {what} '{value}'; allowed: {', '.join(sorted(registry))}")
-    return value
-
-
-def _check_init_text(value: str, *, start: bool = False) -> str:
-    from medpretrain.inits import init_text
-
-    try:
-        return init_text(value, start=start)  # the init-kind registry decides what an init is
-    except MedpretrainError as err:
-        raise ValueError(f"{err.message}; {err.hint}") from None
+    normal = check_init_text(wanted)
+    return next((i for i in inits if isinstance(i, str) and check_init_text(i) == normal), normal)
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -65,6 +65,9 @@ def _legend(fig: Figure, run: Run, arms: Iterable[str]) -> None:
 
 def curves(run: Run) -> list[dict[str, Any]]:
     """Section 1: test AUC and accuracy against labels (log scale), per protocol, one line per arm."""
+    from medpretrain.report.forecast import curves as fitted_curves
+
+    fitted = {metric: fitted_curves(run, metric) for metric in ("auc", "acc")}
     figures = []
     for dataset in run.datasets:
         protocols = run.protocols(dataset)
@@ -92,6 +95,8 @@ def curves(run: Run) -> list[dict[str, Any]]:
                         ax.plot(x, mean, style, marker="o", color=color)
                         ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
                         ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor=color, capsize=3)
+                        if not imbalance:
+                            _fitted(ax, fitted[metric].get((dataset, protocol, arm)), color)
             for ax, metric in zip(row_axes, ("AUC", "ACC"), strict=True):
                 _log_ticks(ax, [r["n_labeled"] for r in recs])
                 ax.set_xlabel("labeled training images (log scale)")
@@ -102,6 +107,20 @@ def curves(run: Run) -> list[dict[str, Any]]:
         imbalanced = any(r["imbalance"] for r in run.records if r["dataset"] == dataset)
         figures.append({"title": dataset, "src": png(fig), "imbalanced": imbalanced})
     return figures
+
+
+def _fitted(ax: Any, entry: Any, color: Any) -> None:
+    """The learning-curve fit (report.forecast) as a dotted line with its 95% band, from the smallest budget to
+    EXTRAPOLATION_FACTOR × the largest: the part beyond the measured points is the forecast."""
+    from medpretrain.forecast import EXTRAPOLATION_FACTOR
+
+    if entry is None or not entry[0].ok:
+        return
+    curve = entry[0]
+    grid = np.geomspace(curve.n[0], EXTRAPOLATION_FACTOR * curve.n_max, 120)
+    line, low, high = curve.band(grid)
+    ax.plot(grid, line, ":", color=color, linewidth=1.2)
+    ax.fill_between(grid, low, high, color=color, alpha=0.07, linewidth=0)
 
 
 def finetune_curves(run: Run, rows: list[dict[str, Any]], arms: list[str]) -> tuple[str, list[str]]:

@@ -50,8 +50,19 @@ def _phrase(arm: str) -> str:
     return INIT_PHRASES.get(arm, arm)
 
 
+SAME_COST = "Both cost about the same to obtain and run."
+
+
 def cheaper(a: Record, b: Record) -> str:
     """The cost model in one sentence: which of two records is cheaper to obtain and run, and why."""
+    sentence = _cheaper(a, b)
+    # Prose phrases ("training from scratch") start the sentence capitalised; init names ("ckpt:mine") stay as typed.
+    if any(sentence.startswith(phrase) for phrase in INIT_PHRASES.values()):
+        return sentence[:1].upper() + sentence[1:]
+    return sentence
+
+
+def _cheaper(a: Record, b: Record) -> str:
     cost_a, cost_b = INIT_COST.get(a["init_kind"], 1), INIT_COST.get(b["init_kind"], 1)
     if cost_a != cost_b:
         cheap, dear = (a, b) if cost_a < cost_b else (b, a)
@@ -70,7 +81,7 @@ def cheaper(a: Record, b: Record) -> str:
         cheap = a if cost_a < cost_b else b
         reason = PROTOCOLS[cheap["protocol"]].cost_reason
         return f"{_phrase(cheap['arm'])} ({cheap['protocol']}) is the cheaper: {reason}."
-    return "Both cost about the same to obtain and run."
+    return SAME_COST
 
 
 def _p_pair(test: Estimate, p_adj: float) -> str:

@@ -16,7 +16,8 @@ import jinja2
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_text
-from medpretrain.report import domain, figures, fusion, imbalance, provenance, tables
+from medpretrain.forecast import EXTRAPOLATION_FACTOR
+from medpretrain.report import domain, figures, forecast, fusion, imbalance, provenance, tables
 from medpretrain.report.recommend import recommend
 from medpretrain.report.run import Run
 from medpretrain.report.text import duration
@@ -37,11 +38,19 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("imbalance", "Class imbalance: ratio, mitigations and per-class recall"),
     ("fusion", "Fusion: DVME and concatenation against their sources"),
     ("domain", "Domain mismatch: source-to-target distance against the gain"),
+    ("forecast", "How many labels? Learning-curve forecasts"),
 )
 
 
 def _recommendation(run: Run) -> list[dict[str, Any]]:
-    return recommend(run.ranked(), run.family())
+    """The tested advice per budget, then per data set the labels each init needs to reach each target."""
+    blocks = recommend(run.ranked(), run.family())
+    forecast_sentences = forecast.advice(run)
+    for block in blocks:
+        block["sentences"] += [
+            {"text": text, "best": "", "significant": False} for text in forecast_sentences.get(block["dataset"], [])
+        ]
+    return blocks
 
 
 # In the order of SECTIONS: the template numbers them so.
@@ -58,6 +67,7 @@ STEPS: tuple[tuple[str, Callable[[Run], Any]], ...] = (
     ("imbalance", imbalance.imbalance),
     ("fusion", fusion.section),
     ("domain", domain.section),
+    ("forecast", forecast.section),
 )
 
 
@@ -100,6 +110,7 @@ def build_report(out_dir: Path, *, progress: bool = False) -> Path:
             seeds=sorted({r["seed"] for r in run.rows}),
             notes=run.notes,
             alpha=ALPHA,
+            extrapolation_factor=EXTRAPOLATION_FACTOR,
             test_sentence=tables.method_sentence(run),
             n_tests=len(run.family()),
             **context,

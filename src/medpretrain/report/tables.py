@@ -15,6 +15,7 @@ from sklearn.metrics import confusion_matrix, multilabel_confusion_matrix
 from medpretrain.data.base import Task
 from medpretrain.metrics import kappa_name, predict_labels
 from medpretrain.report import figures
+from medpretrain.report.recommend import SAME_COST, cheaper
 from medpretrain.report.run import Run, finite, mean, std
 from medpretrain.report.text import fmt
 from medpretrain.stats import N_BOOTSTRAP, format_p
@@ -81,6 +82,8 @@ def significance(run: Run) -> list[dict[str, Any]]:
                     if test is None or not math.isfinite(test.p):
                         out.append({**row, "note": "no seed with predictions of both: no test"})
                         continue
+                    # A non-significant pair of unequal cost names the cheaper one, as the recommendation does.
+                    cost_note = "" if e["significant"] else cheaper(e["best"], e["other"])
                     out.append(
                         {
                             **row,
@@ -92,6 +95,7 @@ def significance(run: Run) -> list[dict[str, Any]]:
                             "seeds": test.n_seeds,
                             "method": test.method,
                             "detectable": f"{test.detectable():.3f}",
+                            "cheaper": "" if cost_note == SAME_COST else cost_note,
                         }
                     )
     return out
