@@ -271,3 +271,18 @@ def test_the_report_shows_metrics_against_the_ratio_per_init_and_mitigation(run_
     html = build_report(run_dir).read_text()
     assert html.count('class="imbalance-verdict"') == 1 and str(escape(section["verdicts"][0])) in html
     assert html.count("<tr data-mitigation=") == 4
+
+
+def test_the_mitigation_tests_join_the_reports_one_holm_family(run_dir: Path) -> None:
+    """Holm over the significance table's tests and the imbalance section's together, not per section."""
+    from medpretrain.stats import holm
+
+    run = Run(run_dir)
+    pair_tests, mitigation_tests = run.family(), run.imbalance_tests()
+    assert len(mitigation_tests) == 2 and run.n_tests == len(pair_tests) + 2
+    everything = pair_tests + mitigation_tests
+    expected = holm([e["test"].p for e in everything])
+    assert [e["p_adj"] for e in everything] == pytest.approx(expected)
+    # Adjusting the section alone would give smaller p-values whenever the report has other tests.
+    alone = holm([e["test"].p for e in mitigation_tests])
+    assert all(e["p_adj"] >= a - 1e-12 for e, a in zip(mitigation_tests, alone, strict=True))

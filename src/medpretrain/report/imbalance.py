@@ -24,7 +24,7 @@ from medpretrain.mitigations import MITIGATIONS
 from medpretrain.report.figures import figure, png
 from medpretrain.report.run import RESAMPLE_SEED, Run, mean, std
 from medpretrain.report.text import fmt
-from medpretrain.stats import ALPHA, N_BOOTSTRAP, Estimate, TestResamples, format_p, holm, paired_from_scores
+from medpretrain.stats import ALPHA, N_BOOTSTRAP, Estimate, TestResamples, format_p, paired_from_scores
 from medpretrain.summary import budget_label
 
 _BLOCK = 100  # resamples scored at once (bounds the (block, n) temporaries on large test sets)
@@ -169,21 +169,29 @@ def _value(point: dict[str, Any], key: str) -> float:
     return mean(point[key])
 
 
-def _tests(run: Run, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each mitigation against `none` at the same protocol, budget, init and ratio; Holm over all of them."""
+def mitigation_tests(run: Run) -> list[dict[str, Any]]:
+    """Each mitigation against `none` at the same protocol, budget, init and ratio, for every data set; their
+    Holm adjustment is the report's one family (`Run.family`)."""
     scores = _Scores(run)
-    base = {(p["protocol"], p["base"], p["init"], p["imbalance"]): p for p in points if p["mitigation"] == "none"}
     tests = []
-    for p in points:
-        ref = base.get((p["protocol"], p["base"], p["init"], p["imbalance"]))
-        if p["mitigation"] == "none" or ref is None:
+    for dataset in run.datasets:
+        if not any(r.get("imbalance") is not None for r in run.rows if r["dataset"] == dataset):
             continue
-        tests.append({"point": p, "test": scores.compare(p["members"], ref["members"])})
-    adjusted = holm([t["test"].p if t["test"] is not None else math.nan for t in tests])
-    for t, p_adj in zip(tests, adjusted, strict=True):
-        t["p_adj"] = p_adj
-        t["raised"] = bool(math.isfinite(p_adj) and p_adj < ALPHA and t["test"].delta > 0)
-        t["significant"] = bool(math.isfinite(p_adj) and p_adj < ALPHA)
+        points = _points(run, dataset)
+        base = {(p["protocol"], p["base"], p["init"], p["imbalance"]): p for p in points if p["mitigation"] == "none"}
+        for p in points:
+            ref = base.get((p["protocol"], p["base"], p["init"], p["imbalance"]))
+            if p["mitigation"] == "none" or ref is None:
+                continue
+            tests.append({"dataset": dataset, "point": p, "test": scores.compare(p["members"], ref["members"])})
+    return tests
+
+
+def _tests(run: Run, dataset: str) -> list[dict[str, Any]]:
+    """This data set's mitigation tests, with the report-wide Holm adjustment."""
+    tests = [t for t in run.imbalance_tests() if t["dataset"] == dataset]
+    for t in tests:
+        t["raised"] = bool(t["significant"] and t["test"].delta > 0)
     return tests
 
 
@@ -197,7 +205,7 @@ def _verdicts(tests: list[dict[str, Any]]) -> list[str]:
     if not raised:
         return [
             f"At ratio {top:g}:1 no mitigation raised test balanced accuracy significantly over none "
-            f"(Holm-adjusted p < {ALPHA} over this section's {len(tests)} tests): no significant difference."
+            f"(Holm-adjusted p < {ALPHA} over all the report's tests): no significant difference."
         ]
     return [
         f"At ratio {top:g}:1, {t['point']['mitigation']} raised test balanced accuracy of {t['point']['init']} "
@@ -215,7 +223,7 @@ def imbalance(run: Run) -> list[dict[str, Any]]:
             continue
         points = _points(run, dataset)
         classes = run.labels(next(r for r in run.rows if r["dataset"] == dataset))[2]
-        tests = _tests(run, points)
+        tests = _tests(run, dataset)
         shrunk = [p for p in points if p["n_requested"] and p["n_labeled"] < p["n_requested"]]
         out.append(
             {

@@ -112,7 +112,7 @@ def build_report(out_dir: Path, *, progress: bool = False) -> Path:
             alpha=ALPHA,
             extrapolation_factor=EXTRAPOLATION_FACTOR,
             test_sentence=tables.method_sentence(run),
-            n_tests=len(run.family()),
+            n_tests=run.n_tests,
             **context,
         )
     )

@@ -142,6 +142,7 @@ class Run:
         self._resamples: dict[str, TestResamples] = {}
         self._scores: dict[tuple[str, str], tuple[float, np.ndarray] | None] = {}
         self._family: list[dict[str, Any]] | None = None
+        self._imbalance_tests: list[dict[str, Any]] = []
         self.notes: list[str] = []
         if any(r.get("val_auc") is None for r in self.rows):
             self.notes.append(
@@ -363,9 +364,23 @@ class Run:
         from medpretrain.report.fusion import comparisons  # fusion's own tests join the one family
 
         family.extend(comparisons(self))
-        adjusted = holm([e["test"].p if e["test"] is not None else math.nan for e in family])
-        for entry, p_adj in zip(family, adjusted, strict=True):
+        from medpretrain.report.imbalance import mitigation_tests  # so do the imbalance section's (balanced acc.)
+
+        extra = mitigation_tests(self)
+        everything = family + extra
+        adjusted = holm([e["test"].p if e["test"] is not None else math.nan for e in everything])
+        for entry, p_adj in zip(everything, adjusted, strict=True):
             entry["p_adj"] = p_adj
             entry["significant"] = bool(math.isfinite(p_adj) and p_adj < ALPHA)
-        self._family = family
+        self._family, self._imbalance_tests = family, extra
         return family
+
+    def imbalance_tests(self) -> list[dict[str, Any]]:
+        """The imbalance section's tests (each mitigation against none), adjusted in the one family."""
+        self.family()
+        return self._imbalance_tests
+
+    @property
+    def n_tests(self) -> int:
+        """How many tests the report shows, all Holm-adjusted together."""
+        return len(self.family()) + len(self._imbalance_tests)
