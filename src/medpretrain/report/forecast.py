@@ -21,6 +21,7 @@ from medpretrain.forecast import (
     DEFAULT_TARGETS,
     EXTRAPOLATION_FACTOR,
     FORECAST_METRICS,
+    Holdout,
     LearningCurve,
     Measured,
     crossover,
@@ -33,6 +34,8 @@ from medpretrain.stats import N_BOOTSTRAP, seed_draws
 
 Curves = dict[tuple[str, str, str], tuple[LearningCurve, list[Measured]]]
 _CACHE: weakref.WeakKeyDictionary[Run, dict[str, Curves]] = weakref.WeakKeyDictionary()
+# The leave-last-budget-out refits, per run and metric: the report's section and its advice both read them.
+_HOLDOUTS: weakref.WeakKeyDictionary[Run, dict[tuple[str, str, str, str], Holdout | None]] = weakref.WeakKeyDictionary()
 
 
 def study_targets(run: Run) -> dict[str, list[float]]:
@@ -81,7 +84,10 @@ def forecasts(run: Run, targets: Mapping[str, list[float]] | None = None) -> lis
         if metric not in FORECAST_METRICS:
             continue
         for (dataset, protocol, arm), (curve, budgets) in curves(run, metric).items():
-            check = holdout(budgets, _draws(run, dataset))
+            checks = _HOLDOUTS.setdefault(run, {})
+            if (metric, dataset, protocol, arm) not in checks:
+                checks[(metric, dataset, protocol, arm)] = holdout(budgets, _draws(run, dataset))
+            check = checks[(metric, dataset, protocol, arm)]
             a, a_low, a_high = curve.asymptote()
             base = {
                 "dataset": dataset, "init": arm, "protocol": protocol, "metric": metric,

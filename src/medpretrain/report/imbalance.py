@@ -169,14 +169,16 @@ def _value(point: dict[str, Any], key: str) -> float:
     return mean(point[key])
 
 
+def _imbalanced_datasets(run: Run) -> list[str]:
+    return [d for d in run.datasets if any(r.get("imbalance") is not None for r in run.rows if r["dataset"] == d)]
+
+
 def mitigation_tests(run: Run) -> list[dict[str, Any]]:
     """Each mitigation against `none` at the same protocol, budget, init and ratio, for every data set; their
     Holm adjustment is the report's one family (`Run.family`)."""
     scores = _Scores(run)
     tests = []
-    for dataset in run.datasets:
-        if not any(r.get("imbalance") is not None for r in run.rows if r["dataset"] == dataset):
-            continue
+    for dataset in _imbalanced_datasets(run):
         points = _points(run, dataset)
         base = {(p["protocol"], p["base"], p["init"], p["imbalance"]): p for p in points if p["mitigation"] == "none"}
         for p in points:
@@ -218,9 +220,7 @@ def _verdicts(tests: list[dict[str, Any]]) -> list[str]:
 def imbalance(run: Run) -> list[dict[str, Any]]:
     """The section's context: per data set with imbalanced budgets, the figure, the table and the tests."""
     out = []
-    for dataset in run.datasets:
-        if not any(r.get("imbalance") is not None for r in run.rows if r["dataset"] == dataset):
-            continue
+    for dataset in _imbalanced_datasets(run):
         points = _points(run, dataset)
         classes = run.labels(next(r for r in run.rows if r["dataset"] == dataset))[2]
         tests = _tests(run, dataset)
