@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from medpretrain.budgets import Budget, select_validation
+from medpretrain.cells import Cell
 from medpretrain.cli import app
 from medpretrain.data import load_dataset
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell
 from medpretrain.features import FeatureCache
 from medpretrain.inits import InitSpec
 from medpretrain.runner import plan_cells, pretrain_jobs

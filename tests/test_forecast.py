@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from medpretrain.budgets import Budget
+from medpretrain.cells import Cell, run_cell
 from medpretrain.cli import app
-from medpretrain.evaluate import Cell, run_cell
 from medpretrain.forecast import Measured, crossover, evaluate, fit_curve, fit_power_law, holdout, labels_needed
 from medpretrain.report import build_report
 from medpretrain.report.forecast import forecasts

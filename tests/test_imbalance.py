@@ -17,11 +17,11 @@ from markupsafe import escape
 from typer.testing import CliRunner
 
 from medpretrain.budgets import Budget, allocation, select
+from medpretrain.cells import Cell
 from medpretrain.cli import app
 from medpretrain.data import load_dataset
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell
 from medpretrain.inits import parse_init
 from medpretrain.metrics import score
 from medpretrain.mitigations import MITIGATIONS, get_mitigation

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from medpretrain.backbones import create_backbone
 from medpretrain.budgets import Budget
+from medpretrain.cells import Cell, run_cell
 from medpretrain.data import load_dataset
 from medpretrain.data.base import Task
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell, run_cell
 from medpretrain.features import FeatureCache
 from medpretrain.inits import build_model, check_pretraining_start, noise_features, parse_init
 from medpretrain.plan import image_size_for

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 from medpretrain.budgets import Budget
+from medpretrain.cells import Cell, run_cell
 from medpretrain.data import load_dataset
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell, run_cell
 from medpretrain.report import SECTIONS, build_report
 from medpretrain.runtime import hardware, library_versions, torch_threads
 from medpretrain.stats import holm, paired_comparison

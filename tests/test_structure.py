@@ -188,7 +188,7 @@ def test_a_multi_source_protocol_is_one_new_class(tmp_path: Path, monkeypatch: p
     """Cells over several inits: `sources` enter the key, each init's features come from the one cache, and a
     protocol reads them with `ctx.features(spec)`; the run path (executors, store) needs nothing new."""
     from medpretrain.budgets import Budget
-    from medpretrain.evaluate import Cell, run_cell
+    from medpretrain.cells import Cell, run_cell
     from medpretrain.protocols import PROTOCOLS, Protocol
     from medpretrain.protocols.linear import LinearProbe
 

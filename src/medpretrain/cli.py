@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from medpretrain.cli_export import export_command
 from medpretrain.cli_support import parse_hparams
 from medpretrain.errors import MedpretrainError
 
@@ -146,70 +147,20 @@ def evaluate(
     The options become a study (the same planner, cell keys and executors as `medpretrain run`), so
     `--executor ray` works here too and `medpretrain report <out>` reports the result.
     """
-    from medpretrain.backbones import get_spec
-    from medpretrain.budgets import Budget
-    from medpretrain.data import check_spec
-    from medpretrain.inits import checkpoint_meta, parse_init
-    from medpretrain.protocols import get_protocol
-    from medpretrain.runner import run_study
+    from medpretrain.adhoc import evaluation_study
+    from medpretrain.api import run as run_study
     from medpretrain.store import export_json
-    from medpretrain.study import validate_study
     from medpretrain.summary import print_summary
 
-    # Everything checkable without data fails here, before the progress bar and before any image is read.
-    check_spec(dataset, size=size)
-    for name in protocol:
-        get_protocol(name)
-    get_spec(backbone)
-    for budget_kw in [{"fraction": f} for f in fraction] + [{"shots": k} for k in shots]:
-        for ratio in imbalance or [None]:
-            Budget(**budget_kw, imbalance=ratio)
-    if not fraction and not shots:
-        raise MedpretrainError("no label budget given", "add --fraction 1.0 (all labels) or --shots 10")
-    finetune_params = {
-        k: v
-        for k, v in {
-            "epochs": epochs,
-            "min_steps": min_steps,
-            "lr": list(lr) or None,
-            "batch_size": batch_size,
-            "class_weighted": class_weighted or None,
-        }.items()
-        if v is not None
-    }
-    frozen_params = {"bn_adapt": True} if bn_adapt else {}
-    for name in protocol:
-        get_protocol(name).validate_params(finetune_params if name == "finetune" else frozen_params)
-    from medpretrain.executors import check_executor
-
-    check_executor(executor)
-    stems = {bool(checkpoint_meta(p).get("small_stem")) for p in (parse_init(t).path for t in init) if p}
-    if small_stem is None and len(stems) > 1:
-        raise MedpretrainError(
-            "the checkpoints were trained with different stems", "choose one: --small-stem or --standard-stem"
-        )
-    study = validate_study(
-        {
-            "name": "evaluate",
-            "datasets": [str(Path(dataset).resolve()) if Path(dataset).exists() else dataset],
-            "size": size,
-            "backbone": backbone,
-            "image_size": image_size,
-            "small_stem": small_stem if small_stem is not None else any(stems),
-            "inits": list(init),
-            "protocols": list(protocol),
-            "budgets": {"fractions": list(fraction), "shots": list(shots), "imbalance": list(imbalance) or None},
-            "mitigations": list(mitigation),
-            "seeds": seeds,
-            "validation": validation,
-            "hflip": hflip,
-            "resize": resize,
-            "sources": list(source) or None,
-            "params": {name: finetune_params if name == "finetune" else frozen_params for name in protocol},
-        },
-        "command line",
-    )
-    result = run_study(study, out, executor=executor, address=address, progress=progress, log=log)
+    # The same study as `mp.evaluate` (adhoc.py); everything checkable without data fails there, before any image.
+    study = evaluation_study(
+        dataset, init=init, backbone=backbone, protocol=protocol, source=source, fraction=fraction, shots=shots,
+        imbalance=imbalance, mitigation=mitigation, seeds=seeds, size=size, image_size=image_size,
+        small_stem=small_stem, epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size,
+        class_weighted=class_weighted, bn_adapt=bn_adapt, validation=validation, resize=resize, hflip=hflip,
+        executor=executor,
+    )  # fmt: skip
+    result = run_study(study, out, executor=executor, address=address, progress=progress, log=log).result
     print_summary(result.rows, console)
     console.print(f"results: {Path(out) / 'results.db'}")
     if json_path is not None:
@@ -308,7 +259,7 @@ def run(
         Path | None,
         typer.Argument(help="Study YAML (datasets, inits, protocols, budgets, seeds…).", show_default=False),
     ] = None,
-    preset: Annotated[str | None, typer.Option(help="A shipped study instead of a file: quick or paper.")] = None,
+    preset: Annotated[str | None, typer.Option(help="A shipped study, e.g. quick (--list-presets).")] = None,
     out: Annotated[Path, typer.Option(help="Run directory: results.db, predictions, checkpoints, report.html.")] = Path(
         "runs/study"
     ),
@@ -333,19 +284,15 @@ def run(
             console.print(preset_text(name), highlight=False, markup=False)
         return
     study = load_study(study_file, preset=preset)
-    from medpretrain.executors import check_executor
-
-    check_executor(executor)
-    from medpretrain.runner import run_study
+    from medpretrain.api import run as run_study  # mp.run: the same path from Python
     from medpretrain.summary import print_summary
 
-    result = run_study(study, out, executor=executor, address=address, progress=progress, log=log)
+    handle = run_study(study, out, executor=executor, address=address, progress=progress, log=log)
+    result = handle.result
     print_summary(result.rows, console)
     console.print(f"results: {Path(out) / 'results.db'} ({result.cells_run} cells run, {result.cells_reused} reused)")
     if report:
-        from medpretrain.report import build_report
-
-        console.print(f"report: {build_report(out)}")
+        console.print(f"report: {handle.report()}")
 
 
 @app.command(name="report")
@@ -385,6 +332,9 @@ def forecast(
 
         write_text(json_file, json.dumps(rows, indent=1) + "\n")
         console.print(f"forecasts: {json_file}")
+
+
+app.command(name="export")(handle_errors(export_command))
 
 
 def main() -> None:  # pragma: no cover - console-script shim for `python -m medpretrain`

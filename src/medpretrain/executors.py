@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
+from medpretrain.cells import Cell, cell_features, run_cell
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell, cell_features, run_cell
 from medpretrain.plan import PretrainJob
 from medpretrain.protocols import get_protocol
 from medpretrain.registry import Registry

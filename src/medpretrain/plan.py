@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from medpretrain.budgets import Budget, ratios_of
+from medpretrain.cells import Cell
 from medpretrain.data import load_dataset, parse_subset, source_of
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell
 from medpretrain.inits import checkpoint_meta, parse_init
 from medpretrain.mitigations import mitigation_grid
 from medpretrain.pretrain import PretrainRequest, target_hflip

@@ -20,8 +20,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_json
+from medpretrain.cells import Cell
 from medpretrain.domain import write_domain_gaps
-from medpretrain.evaluate import Cell
 from medpretrain.executors import get_executor
 from medpretrain.plan import (  # re-exported: the runner's planning API before plan.py existed
     PretrainJob,

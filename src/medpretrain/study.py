@@ -30,7 +30,33 @@ IMAGENET_IMAGE_SIZE = 112
 
 
 class Study(BaseModel):
+    """The comparison grid; the Python API's `mp.Study`. Invalid fields raise MedpretrainError naming the key.
+
+    >>> import medpretrain as mp
+    >>> study = mp.Study(datasets=["pneumoniamnist[train=60,val=40,test=40]"], inits=["scratch"],
+    ...                  budgets={"fractions": [0.5, 1.0]}, seeds=2)
+    >>> study.n_cells
+    4
+    >>> mp.Study(datasets=["pneumoniamnist"], inits=["scratch"], budgets={"fractions": [2.0]})
+    Traceback (most recent call last):
+    ...
+    medpretrain.errors.MedpretrainError: Study(...): budgets.fractions: fractions must be in (0, 1], got [2.0] — ...
+    """
+
     model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, /, **data: Any) -> None:
+        # Constructed from Python (mp.Study(...)): the same one-line error as a study file's. validate_study
+        # goes through model_validate, which does not come here, so a file's errors keep naming the file.
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _study_error(err, "Study(...)") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Study:
+        """Read and validate a study file, as `medpretrain run FILE` does (`mp.Study.from_yaml("study.yaml")`)."""
+        return load_study(path)
 
     name: str = "study"
     description: str = ""
@@ -242,22 +268,27 @@ def validate_study(data: Any, source: str) -> Study:
     if not isinstance(data, dict):
         raise MedpretrainError(f"{source}: a study file must be a YAML mapping", "see `medpretrain run --help`")
     try:
-        return Study(**data)
+        return Study.model_validate(data)
     except ValidationError as err:
-        errors = err.errors()
-        # For `str | Model` unions pydantic lists one error per member; the model member's is the useful one.
-        first = next((e for e in errors if e["type"] not in ("string_type",)), errors[0])
-        message = str(first["msg"]).removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        key = _location(first["loc"])
-        allowed = ""
-        if first["type"] == "extra_forbidden":
-            model = _model_at(first["loc"])
-            allowed = f"allowed keys here: {', '.join(model.model_fields)}" if model else ""
-        raise MedpretrainError(
-            f"{source}: {key}: {message}", allowed or "fix that key; `medpretrain run --list-presets` shows examples"
-        ) from None
+        raise _study_error(err, source) from None
+
+
+def _study_error(err: ValidationError, source: str) -> MedpretrainError:
+    """The first problem of a validation error as one MedpretrainError naming the key."""
+    errors = err.errors()
+    # For `str | Model` unions pydantic lists one error per member; the model member's is the useful one.
+    first = next((e for e in errors if e["type"] not in ("string_type",)), errors[0])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    key = _location(first["loc"])
+    allowed = ""
+    if first["type"] == "extra_forbidden":
+        model = _model_at(first["loc"])
+        allowed = f"allowed keys here: {', '.join(model.model_fields)}" if model else ""
+    return MedpretrainError(
+        f"{source}: {key}: {message}", allowed or "fix that key; `medpretrain run --list-presets` shows examples"
+    )
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
