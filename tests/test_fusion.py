@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from medpretrain.budgets import Budget
+from medpretrain.cells import Cell, run_cell
 from medpretrain.errors import MedpretrainError
-from medpretrain.evaluate import Cell, run_cell
 from medpretrain.fusion import MetaEmbedding
 from medpretrain.plan import plan_cells
 from medpretrain.runtime import torch_threads
@@ -54,9 +54,9 @@ def test_dvme_puts_its_attention_on_imagenet_not_on_noise(tmp_path: Path) -> Non
     weights = dvme["extra"]["attention"]["mean"]
     assert weights[0] > 0.7, weights
     assert np.asarray(dvme["extra"]["attention"]["test"]).shape == (600, 2)
-    # Measured 0.902 against the linear probe's 0.917 on this subset: the issue's "within 0.01" is not met yet
-    # (issue 14 note); what holds is that noise does not drag it far below the real source.
-    assert dvme["auc"] >= rows["linear"]["auc"] - 0.03, (dvme["auc"], rows["linear"]["auc"])
+    # The issue's bound: within 0.01 of the real source's own linear probe, or above it (measured 0.911 against
+    # 0.917 on this subset, 81% of the attention on ImageNet).
+    assert dvme["auc"] >= rows["linear"]["auc"] - 0.01, (dvme["auc"], rows["linear"]["auc"])
     assert dvme["init_kind"] == "fusion" and dvme["config"]["source_keys"] == ["noise"]
     assert dvme["chosen"]["lr"] in (1e-3, 1e-4) and dvme["steps"] >= 100
     assert abs(rows["concat"]["auc"] - rows["linear"]["auc"]) < 0.03
@@ -130,4 +130,8 @@ def test_the_report_tests_a_fusion_against_concat_and_each_source(tmp_path: Path
     # One Holm family: the fusion tests and the linear probe's own (scratch against noise) are adjusted together.
     assert len(run.family()) == 6 and all(e["p_adj"] >= e["test"].p for e in run.family())
     assert 'id="fusion"' in html and "fusion-tests" in html and "Holm p" in html
+    # The one-line verdict follows the family: a fusion wins only if it beats every baseline after Holm.
+    dvme = [e for e in fusion_tests if e["protocol"] == "dvme"]
+    wins = all(e["significant"] and e["test"].delta > 0 for e in dvme)
+    assert ("scratch + noise wins" in html) is wins and ("scratch + noise does not win" in html) is not wins
     assert "indistinguishable" not in html

@@ -130,9 +130,23 @@ def section(run: Run) -> list[dict[str, Any]]:
                 "auc": f"{fmt(rec['auc_mean'])} [{fmt(rec['auc_ci_low'])}, {fmt(rec['auc_ci_high'])}]",
                 "sources": sources,
                 "tests": tests,
+                "summary": _summary(rec["arm"], tests),
             }
         )
     return out
+
+
+def _summary(arm: str, tests: list[dict[str, Any]]) -> str:
+    """One sentence: does the fusion win, that is, beat every baseline it was tested against (Holm-adjusted)?"""
+    tested = [t for t in tests if "delta" in t]
+    if not tested:
+        return f"{arm} could not be tested against any baseline."
+    unbeaten = [t["against"] for t in tested if not (t["significant"] and float(t["delta"]) > 0)]
+    if not unbeaten:
+        return f"{arm} wins: significantly better than each of the {len(tested)} baselines tested (Holm-adjusted)."
+    worse = [t["against"] for t in tested if t["significant"] and float(t["delta"]) < 0]
+    text = f"{arm} does not win: not significantly better than {', '.join(unbeaten)} (Holm-adjusted)"
+    return text + (f"; significantly worse than {', '.join(worse)}." if worse else ".")
 
 
 def _verdict(delta: float, significant: bool) -> str:
