@@ -209,6 +209,7 @@ def run_cell(
         sources=cell.source_specs,
         progress=progress,
         keep_model=keep_model,
+        work_dir=cache_root(out_dir) / "cells" / cell.key,
         hflip=hflip,
         pretrained=cell.init_spec.kind != "scratch",
     )

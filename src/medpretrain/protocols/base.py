@@ -32,6 +32,9 @@ class EvalContext:
     features: Callable[..., dict[str, np.ndarray]]
     progress: bool = True
     keep_model: Path | None = None  # protocols that train a network save it here (for Grad-CAM)
+    # A folder private to this cell where a protocol that trains may keep checkpoints of unfinished work, so a
+    # killed cell resumes mid-training; the protocol removes what it wrote once it has its prediction.
+    work_dir: Path | None = None
     hflip: float = 0.5  # flip probability for training views (0 for datasets whose classes mark laterality)
     pretrained: bool = False  # the init carries weights (anything but scratch)
     sources: tuple[InitSpec, ...] = ()  # further inits a multi-source (fusion) protocol combines

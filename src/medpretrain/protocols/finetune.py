@@ -46,6 +46,7 @@ class FineTune(Protocol):
             pretrained=ctx.pretrained,
             hflip=ctx.hflip,
             progress=ctx.progress,
+            work_dir=ctx.work_dir,
         )
         if ctx.keep_model is not None:
             save_classifier(

@@ -15,8 +15,10 @@ never looked at during training or selection.
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ from medpretrain.runtime import default_device, training_device
 from medpretrain.train.classifier import Classifier, predict_logits
 from medpretrain.train.config import FinetuneConfig, StepPlan
 from medpretrain.train.module import FinetuneModule
+from medpretrain.train.resume import EpochCheckpoint, load_finished, run_paths, save_finished
 from medpretrain.train.trainer import make_trainer, quiet_lightning
 
 
@@ -145,9 +148,17 @@ def train_module(
     eval_loaders: list[DataLoader],
     *,
     progress: bool,
+    checkpoint: Path | None = None,
 ) -> FinetuneModule:
     """Run one module for `plan.total_steps` steps, validated every `plan.eval_every` (the one loop that
-    fine-tuning and DVME share); the module keeps its history and its best weights."""
+    fine-tuning and DVME share); the module keeps its history and its best weights.
+
+    With `checkpoint`, the run is saved there at epoch ends (train.resume) and, when the file exists, resumed
+    from it instead of starting over."""
+    callbacks = []
+    if checkpoint is not None:
+        generator = getattr(getattr(train_loader.sampler, "sampler", None), "generator", None)
+        callbacks.append(EpochCheckpoint(checkpoint, generator))
     # One device: validation metrics and best-state tracking are exact only without DDP's padded sharding,
     # and fine-tuning at MedMNIST scale does not need more. Validation every `eval_every` global steps,
     # across epoch boundaries (check_val_every_n_epoch=None), so a 1-batch epoch is not validated 500 times.
@@ -160,9 +171,12 @@ def train_module(
         progress=progress,
         val_check_interval=plan.eval_every,
         check_val_every_n_epoch=None,
+        callbacks=callbacks,
     )
+    resume = str(checkpoint) if checkpoint is not None and checkpoint.exists() else None
     with quiet_lightning():
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loaders)
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=eval_loaders, ckpt_path=resume)
+    module.steps_taken = int(module.global_step)
     if not module.history or module.best_state is None:
         raise MedpretrainError(
             "training stopped before its first validation, so no weights could be selected",
@@ -182,8 +196,10 @@ def _fit_one(
     hflip: float,
     seed: int,
     progress: bool,
+    work_dir: Path | None = None,
 ) -> FinetuneModule:
-    """One full training run at one learning rate; the module holds its history and best weights."""
+    """One full training run at one learning rate; the module holds its history and best weights. With
+    `work_dir`, a finished run stored there is restored instead of trained, an unfinished one resumed."""
     task = Task(dataset.task)
     pl.seed_everything(seed, workers=True, verbose=False)
     plan = StepPlan.of(len(idx), cfg)
@@ -203,7 +219,17 @@ def _fit_one(
         logit_offset=None if offset is None else torch.tensor(offset, dtype=torch.float32),
         aug_seed=seed,
     )
-    return train_module(module, plan, cfg, train_loader, eval_loaders, progress=progress)
+    if work_dir is None:
+        return train_module(module, plan, cfg, train_loader, eval_loaders, progress=progress)
+    checkpoint, done = run_paths(work_dir, lr)
+    finished = load_finished(done)
+    if finished is not None:
+        module.load_progress_state(finished)
+        return module
+    train_module(module, plan, cfg, train_loader, eval_loaders, progress=progress, checkpoint=checkpoint)
+    save_finished(module.progress_state(), done)
+    checkpoint.unlink(missing_ok=True)
+    return module
 
 
 def finetune(
@@ -216,6 +242,7 @@ def finetune(
     pretrained: bool = False,
     hflip: float = 0.5,
     progress: bool = True,
+    work_dir: Path | None = None,
 ) -> FinetuneResult:
     """Fine-tune copies of `backbone` + a linear head on `dataset.train[train_idx]` at every lr of the grid
     (the caller's backbone is left untouched); keep the run and step with the best validation AUC; predict
@@ -223,7 +250,9 @@ def finetune(
 
     `pretrained` applies `cfg.pretrained_backbone_lr_scale`; `hflip` is the flip probability of the views.
     Binary and ordinal tasks use softmax cross-entropy over their classes, multi-label independent sigmoids.
-    Validation and test are scored in full.
+    Validation and test are scored in full. `work_dir` (a folder private to this call) makes the grid
+    resumable: each lr's run is checkpointed there and restored after a kill (train.resume); the folder is
+    removed once the result is computed.
     """
     idx = _check_inputs(dataset, train_idx)
     task = Task(dataset.task)
@@ -234,9 +263,18 @@ def finetune(
     search = []
     for lr in cfg.lr:
         module = _fit_one(
-            backbone, dataset, idx, cfg, lr=lr, backbone_lr_scale=scale, hflip=hflip, seed=seed, progress=progress
+            backbone,
+            dataset,
+            idx,
+            cfg,
+            lr=lr,
+            backbone_lr_scale=scale,
+            hflip=hflip,
+            seed=seed,
+            progress=progress,
+            work_dir=work_dir,
         )
-        steps = int(module.global_step)
+        steps = module.steps_taken
         search.append({"lr": lr, "val_auc": module.best_score[0], "best_step": module.best_step, "steps": steps})
         if best is None or module.best_score > best[0]:
             best = (module.best_score, lr, module)  # only the chosen run's module (and weights) is kept
@@ -260,7 +298,9 @@ def finetune(
         "gap_loss_last": last["train_loss"] - last["val_loss"],
         "gap_acc_last": last["train_acc"] - last["val_acc"],
     }
-    steps = int(module.global_step)
+    steps = module.steps_taken
+    if work_dir is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)
     return FinetuneResult(
         test_proba=test_proba,
         val_proba=val_proba,

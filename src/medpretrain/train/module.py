@@ -71,6 +71,7 @@ class FinetuneModule(pl.LightningModule):
         self._train_loss_sum: torch.Tensor | float = 0.0
         self._train_batches = 0
         self._last_lr = lr
+        self.steps_taken = 0  # optimiser steps of the finished run (set by train_module or a done file)
         self._clock = time.perf_counter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,35 @@ class FinetuneModule(pl.LightningModule):
                 self.trainer.should_stop = True
         self.log_dict({"val_auc": val_auc, "val_acc": val_acc}, prog_bar=True)
         self._outputs = {}
+
+    def progress_state(self) -> dict[str, Any]:
+        """What a resumed or finished run needs beyond weights and optimiser: history, best weights, early-stop
+        count and the augmentation generator (train.resume)."""
+        return {
+            "history": self.history,
+            "best_state": self.best_state,
+            "best_step": self.best_step,
+            "best_score": self.best_score,
+            "evals_since_best": self._evals_since_best,
+            "aug_gen": self._aug_gen.get_state() if self._aug_gen is not None else None,
+            "steps_taken": int(self.global_step),
+            "train_loss_since_eval": (float(self._train_loss_sum), self._train_batches),
+        }
+
+    def load_progress_state(self, state: dict[str, Any]) -> None:
+        self.history, self.best_state, self.best_step = state["history"], state["best_state"], state["best_step"]
+        self.best_score, self._evals_since_best = tuple(state["best_score"]), state["evals_since_best"]
+        if state["aug_gen"] is not None:
+            self._aug_gen = torch.Generator()
+            self._aug_gen.set_state(state["aug_gen"])
+        self.steps_taken = state["steps_taken"]
+        self._train_loss_sum, self._train_batches = state["train_loss_since_eval"]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medpretrain_progress"] = self.progress_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_progress_state(checkpoint["medpretrain_progress"])
 
     def configure_optimizers(self) -> Any:
         decay = self.cfg.weight_decay if self.cfg.optimizer == "adamw" else 0.0
