@@ -75,6 +75,9 @@ def main() -> None:
                     "precision": args.precision,
                     # The cell's own training time when it ran now, else the time it took when it was stored.
                     "seconds": round(row["seconds"] if result.cells_reused else time.perf_counter() - started, 1),
+                    # Training and validation time summed over the kept history: across every process when the
+                    # cell was killed and resumed (mid-training resume), where `seconds` is the last one's only.
+                    "train_seconds": round(sum(h["seconds"] for h in row["history"]), 1),
                 }
             ),
             flush=True,
