@@ -38,6 +38,7 @@ def evaluation_study(
     validation: str = "full",
     resize: str = "bilinear",
     hflip: float | None = None,
+    input_norm: str = "imagenet",
     executor: str = "local",
 ) -> Study:
     """The validated study `medpretrain evaluate` runs for these options (named as its command-line options)."""
@@ -94,6 +95,7 @@ def evaluation_study(
             "validation": validation,
             "hflip": hflip,
             "resize": resize,
+            "input_norm": input_norm,
             "sources": list(source) or None,
             "params": {name: finetune_params if name == "finetune" else frozen_params for name in protocol},
         },

@@ -257,7 +257,7 @@ def evaluate(
 
     `options` are the command's other options with underscores: `size`, `image_size`, `small_stem`, `imbalance`,
     `mitigation`, `source`, `epochs`, `min_steps`, `lr`, `batch_size`, `class_weighted`, `bn_adapt`,
-    `validation`, `resize`, `hflip`.
+    `validation`, `resize`, `hflip`, `input_norm`.
 
     >>> import medpretrain as mp
     >>> run = mp.evaluate(dataset="pneumoniamnist[train=60,val=40,test=40]", init="scratch", protocol="linear",

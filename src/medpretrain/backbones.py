@@ -2,7 +2,8 @@
 
 Every backbone takes uint8 or [0, 1] float images with 1 or 3 channels and normalises them itself with the
 ImageNet mean/std, whatever its initialisation, so that scratch, ImageNet and self-supervised weights are
-compared under one pre-processing convention.
+compared under one pre-processing convention. A study may choose another normalisation for all its inits alike
+(`input_norm`, `INPUT_NORMS`).
 
 Registered backbones:
 
@@ -21,7 +22,7 @@ variant, a dynamic image size for ViTs, and its pretrained config's normalisatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import timm
@@ -33,6 +34,14 @@ from medpretrain.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The input normalisations a study may choose (`input_norm`), as (mean, std); None = the backbone's own (ImageNet's
+# for the registered backbones, a timm:<model>'s published one). "half" is (x - 0.5) / 0.5, what the MedMNIST v2
+# baselines were trained with (Yang et al., Scientific Data 2023), so their recipe can be reproduced as published.
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
+    "imagenet": None,
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+DEFAULT_INPUT_NORM = "imagenet"
 
 
 @dataclass(frozen=True)
@@ -129,10 +138,18 @@ class Backbone(nn.Module):
     """A timm feature extractor (``model``, num_classes=0) with built-in input preparation."""
 
     def __init__(
-        self, name: str, model: nn.Module, *, small_stem: bool, family: str, spec: BackboneSpec | None = None
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        small_stem: bool,
+        family: str,
+        spec: BackboneSpec | None = None,
+        input_norm: str = DEFAULT_INPUT_NORM,
     ) -> None:
         super().__init__()
         self.name = name
+        self.input_norm = input_norm  # which of INPUT_NORMS `spec`'s mean/std are (saved with fine-tuned models)
         self.small_stem = small_stem
         self.family = family
         self.spec = spec if spec is not None else get_spec(name)
@@ -150,7 +167,7 @@ class Backbone(nn.Module):
             self.model.to(memory_format=torch.channels_last)
 
     def prepare(self, x: Tensor) -> Tensor:
-        """uint8 or [0, 1] float, N×C×H×W with C in {1, 3} → ImageNet-normalised float N×3×H×W."""
+        """uint8 or [0, 1] float, N×C×H×W with C in {1, 3} → float N×3×H×W normalised with the spec's mean/std."""
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise MedpretrainError(
                 f"backbone {self.name} expects N×C×H×W images with 1 or 3 channels, got shape {tuple(x.shape)}",
@@ -189,17 +206,27 @@ class Backbone(nn.Module):
         return f"name={self.name}, small_stem={self.small_stem}, num_features={self.num_features}"
 
 
-def create_backbone(name: str, *, small_stem: bool = False, img_size: int | None = None) -> Backbone:
-    """Build a randomly initialised backbone (the caller seeds torch).
+def check_input_norm(name: str) -> str:
+    if name not in INPUT_NORMS:
+        raise MedpretrainError(f"unknown input_norm '{name}'", f"choose one of: {', '.join(INPUT_NORMS)}")
+    return name
+
+
+def create_backbone(
+    name: str, *, small_stem: bool = False, img_size: int | None = None, input_norm: str = DEFAULT_INPUT_NORM
+) -> Backbone:
+    """Build a randomly initialised backbone (the caller seeds torch), normalising its input by `input_norm`.
 
     `img_size` only matters for ``vit_tiny``: it sets the size the position embedding is created for
     (default 64 with 4-px patches, 224 otherwise); any other input size still works (resampled).
     ``timm:<model>`` names any timm model as published (`timm_backbone`).
     """
+    norm = INPUT_NORMS[check_input_norm(input_norm)]
     if name.startswith(TIMM_PREFIX):
         if small_stem:
             raise MedpretrainError(f"backbone {name} has no small-image stem", "drop --small-stem for it")
-        return timm_backbone(name[len(TIMM_PREFIX) :])
+        backbone = timm_backbone(name[len(TIMM_PREFIX) :])
+        return backbone if norm is None else _renormalised(backbone, input_norm)
     spec = get_spec(name)
     if small_stem and not spec.supports_small_stem:
         small = [n for n, s in BACKBONES.items() if s.supports_small_stem]
@@ -215,7 +242,18 @@ def create_backbone(name: str, *, small_stem: bool = False, img_size: int | None
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kwargs)
     if small_stem and spec.family == "resnet":
         _small_resnet_stem(model)
-    return Backbone(name, model, small_stem=small_stem, family=spec.family)
+    if norm is not None:
+        spec = replace(spec, mean=norm[0], std=norm[1])
+    return Backbone(name, model, small_stem=small_stem, family=spec.family, spec=spec, input_norm=input_norm)
+
+
+def _renormalised(backbone: Backbone, name: str) -> Backbone:
+    mean, std = INPUT_NORMS[name] or (backbone.spec.mean, backbone.spec.std)
+    backbone.spec = replace(backbone.spec, mean=mean, std=std)
+    backbone.input_norm = name
+    backbone.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+    backbone.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+    return backbone
 
 
 def timm_backbone(model_name: str) -> Backbone:

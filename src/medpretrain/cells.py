@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medpretrain.backbones import DEFAULT_INPUT_NORM, check_input_norm
 from medpretrain.budgets import (
     IMBALANCE_VERSION,
     VALIDATION_POLICIES,
@@ -54,6 +55,7 @@ class Cell:
     validation: str = "full"  # full | matched: the validation split whole, or in the budget's proportion
     hflip: float | None = None  # flip probability of training views; None = the dataset's (0 with laterality)
     resize: str = "bilinear"  # how images reach `image_size`: bilinear, nearest or pad (data.images.RESIZE_MODES)
+    input_norm: str = DEFAULT_INPUT_NORM  # how every network normalises its input (backbones.INPUT_NORMS)
     # Further inits whose frozen features a multi-source protocol (fusion) combines with `init`'s; () for most.
     sources: tuple[str, ...] = ()
     init_label: str | None = None  # display name (e.g. "ImageNet→simclr (30 ep)"); not part of the key
@@ -71,6 +73,7 @@ class Cell:
             raise MedpretrainError(f"hflip {self.hflip} is not a probability", "use a value in [0, 1], e.g. 0")
         if self.resize not in RESIZE_MODES:
             raise MedpretrainError(f"unknown resize mode '{self.resize}'", f"choose one of: {', '.join(RESIZE_MODES)}")
+        check_input_norm(self.input_norm)
 
     @cached_property
     def init_spec(self) -> InitSpec:
@@ -93,7 +96,7 @@ class Cell:
             return ()
         shared = (self.dataset, str(self.size), str(self.image_size), self.resize, self.backbone, str(self.small_stem))
         adapted = str(bool(self.params.get("bn_adapt", False)))
-        return tuple((*shared, adapted, spec.key) for spec in self.init_specs)
+        return tuple((*shared, adapted, self.input_norm, spec.key) for spec in self.init_specs)
 
     @property
     def init_name(self) -> str:
@@ -113,6 +116,8 @@ class Cell:
         config.pop("init_label")
         config.pop("pretrained_here")
         config["init_key"] = self.init_spec.key
+        if self.input_norm == DEFAULT_INPUT_NORM:  # absent by default: cells keep the keys of before input_norm
+            config.pop("input_norm")
         sources = config.pop("sources")
         if sources:  # absent when empty, so single-init cells keep the keys they had before sources existed
             config["source_keys"] = [spec.key for spec in self.source_specs]
@@ -176,6 +181,7 @@ def cell_features(cell: Cell, out_dir: Path, init: InitSpec | None = None, *, pr
         cell.small_stem,
         cell_dataset(cell, out_dir),
         bn_adapt=bool(cell.params.get("bn_adapt", False)),
+        input_norm=cell.input_norm,
         progress=progress,
     )
 
@@ -212,6 +218,7 @@ def run_cell(
         work_dir=cache_root(out_dir) / "cells" / cell.key,
         hflip=hflip,
         pretrained=cell.init_spec.kind != "scratch",
+        input_norm=cell.input_norm,
     )
     prediction = protocol.run(ctx)
     y_test, y_val = dataset.labels["test"], dataset.labels["val"]

@@ -134,6 +134,10 @@ def evaluate(
         float | None,
         typer.Option(help="Flip probability of training views. Default: 0.5, or 0 when class names mark left/right."),
     ] = None,
+    input_norm: Annotated[
+        str,
+        typer.Option(help="Input normalisation of every network: imagenet (mean/std) or half ((x - 0.5) / 0.5)."),
+    ] = "imagenet",
     out: Annotated[Path, typer.Option(help="Run directory: results.db, predictions, feature cache, splits.")] = Path(
         "runs/latest"
     ),
@@ -158,7 +162,7 @@ def evaluate(
         imbalance=imbalance, mitigation=mitigation, seeds=seeds, size=size, image_size=image_size,
         small_stem=small_stem, epochs=epochs, min_steps=min_steps, lr=lr, batch_size=batch_size,
         class_weighted=class_weighted, bn_adapt=bn_adapt, validation=validation, resize=resize, hflip=hflip,
-        executor=executor,
+        input_norm=input_norm, executor=executor,
     )  # fmt: skip
     result = run_study(study, out, executor=executor, address=address, progress=progress, log=log).result
     print_summary(result.rows, console)

@@ -16,7 +16,7 @@ from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from medpretrain.atomic import write_with
-from medpretrain.backbones import Backbone, create_backbone
+from medpretrain.backbones import DEFAULT_INPUT_NORM, Backbone, create_backbone
 from medpretrain.data.base import SPLITS, Dataset
 from medpretrain.inits import KINDS, InitSpec, build_model
 from medpretrain.runtime import default_device
@@ -54,16 +54,32 @@ class FeatureCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root) / "features"
 
-    def key(self, init: InitSpec, backbone: str, small_stem: bool, dataset: Dataset, bn_adapt: bool = False) -> str:
-        return self.key_of(init.key, backbone, small_stem, dataset.key, bn_adapt)
+    def key(
+        self,
+        init: InitSpec,
+        backbone: str,
+        small_stem: bool,
+        dataset: Dataset,
+        bn_adapt: bool = False,
+        input_norm: str = DEFAULT_INPUT_NORM,
+    ) -> str:
+        return self.key_of(init.key, backbone, small_stem, dataset.key, bn_adapt, input_norm)
 
     @staticmethod
-    def key_of(init_key: str, backbone: str, small_stem: bool, dataset_key: str, bn_adapt: bool = False) -> str:
+    def key_of(
+        init_key: str,
+        backbone: str,
+        small_stem: bool,
+        dataset_key: str,
+        bn_adapt: bool = False,
+        input_norm: str = DEFAULT_INPUT_NORM,
+    ) -> str:
         """The key from the strings a results row records (`init_key`, `dataset_key`): a reader needs no
         InitSpec (whose checkpoint may have moved) and no loaded data set to find the arrays."""
         stem = "-smallstem" if small_stem else ""
         adapted = "-bnadapt" if bn_adapt else ""
-        return f"{init_key}-{backbone}{stem}{adapted}-{dataset_key}"
+        norm = "" if input_norm == DEFAULT_INPUT_NORM else f"-norm{input_norm}"  # default: the keys of before
+        return f"{init_key}-{backbone}{stem}{adapted}{norm}-{dataset_key}"
 
     def path(self, key: str, split: str) -> Path:
         """Where the array of one split of `key` lives (whether or not it was written)."""
@@ -83,6 +99,7 @@ class FeatureCache:
         dataset: Dataset,
         *,
         bn_adapt: bool = False,
+        input_norm: str = DEFAULT_INPUT_NORM,
         progress: bool = True,
     ) -> dict[str, np.ndarray]:
         """Features of every split, from disk when cached, else extracted once and written atomically.
@@ -90,7 +107,7 @@ class FeatureCache:
         `bn_adapt` first re-estimates the network's BatchNorm statistics on the dataset's training images (an init
         without a network has none to adapt).
         """
-        key = self.key(init, backbone, small_stem, dataset, bn_adapt)
+        key = self.key(init, backbone, small_stem, dataset, bn_adapt, input_norm)
         paths = {split: self.path(key, split) for split in SPLITS}
         if all(p.exists() for p in paths.values()):
             return {split: np.load(p) for split, p in paths.items()}
@@ -104,7 +121,12 @@ class FeatureCache:
 
         else:
             model, _ = build_model(
-                backbone, init, small_stem=small_stem, seed=SCRATCH_FEATURE_SEED, img_size=dataset.image_size
+                backbone,
+                init,
+                small_stem=small_stem,
+                seed=SCRATCH_FEATURE_SEED,
+                img_size=dataset.image_size,
+                input_norm=input_norm,
             )
             if bn_adapt:
                 adapt_batchnorm(model, dataset.images["train"])

@@ -122,6 +122,7 @@ def pretrain_jobs(study: Study) -> list[PretrainJob]:
                     seed=init.seed + k,
                     hparams=dict(init.hparams),
                     hflip=hflip,
+                    input_norm=study.input_norm,
                 )
                 jobs.append(PretrainJob(dataset=dataset, label=init.display, request=request, replicate=k))
     return jobs
@@ -162,6 +163,7 @@ def plan_cells(study: Study, checkpoints: dict[tuple[str, str | None, int], Path
                 validation=study.validation,
                 resize=study.resize,
                 hflip=study.hflip,
+                input_norm=study.input_norm,
                 **extra,  # type: ignore[arg-type]
             )
 

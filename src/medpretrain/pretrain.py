@@ -26,6 +26,7 @@ from lightly.utils.debug import std_of_l2_normalized
 from torch.utils.data import DataLoader, TensorDataset
 
 from medpretrain.atomic import write_text, write_with
+from medpretrain.backbones import DEFAULT_INPUT_NORM, check_input_norm
 from medpretrain.data import load_dataset, load_unlabeled
 from medpretrain.data.base import DEFAULT_HFLIP
 from medpretrain.errors import MedpretrainError
@@ -52,6 +53,7 @@ class PretrainRequest:
     hparams: dict[str, Any] = field(default_factory=dict)
     precision: str = "auto"
     hflip: float | None = None  # flip probability of the views; None: the source's (0 if classes mark left/right)
+    input_norm: str = DEFAULT_INPUT_NORM  # how the network normalises its input (backbones.INPUT_NORMS)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -59,6 +61,7 @@ class PretrainRequest:
         if self.hflip is not None and not 0 <= self.hflip <= 1:
             raise MedpretrainError(f"hflip {self.hflip} is not a probability", "use a value in [0, 1], e.g. 0")
         resolve_precision(self.precision)
+        check_input_norm(self.input_norm)
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -74,6 +77,8 @@ class PretrainRequest:
             ident.pop("precision")
         if self.hflip is None or self.hflip == DEFAULT_HFLIP:
             ident.pop("hflip")  # the views every checkpoint made before flips could be chosen: names are kept
+        if self.input_norm == DEFAULT_INPUT_NORM:
+            ident.pop("input_norm")  # likewise for checkpoints made before input_norm could be chosen
         ident.update(dataset=dataset_key, config=self.config, init=parse_init(self.init).key)
         return ident
 
@@ -243,7 +248,12 @@ def pretrain(
             )
 
     backbone, report = build_model(
-        request.backbone, init, small_stem=request.small_stem, seed=request.seed, img_size=request.image_size
+        request.backbone,
+        init,
+        small_stem=request.small_stem,
+        seed=request.seed,
+        img_size=request.image_size,
+        input_norm=request.input_norm,
     )
     if init.kind != "scratch":
         log(f"starting from {report.summary()}")

@@ -75,6 +75,9 @@ class Study(BaseModel):
     pretrain_seeds: int = Field(1, ge=1, description="pre-train each method N times; eval seed s uses s mod N")
     validation: Literal["full", "matched"] = "full"
     resize: Literal["bilinear", "nearest", "pad"] = "bilinear"
+    # How every network (whatever its init) normalises its input: imagenet (each backbone's own, ImageNet's for
+    # the registered ones) or half ((x - 0.5) / 0.5, the MedMNIST v2 baselines'); backbones.INPUT_NORMS.
+    input_norm: str = "imagenet"
     hflip: float | None = Field(None, ge=0, le=1, description="flip probability; default: the dataset's")
     # Protocol parameters: `params: {protocol: {...}}` for any registered protocol; the per-protocol keys
     # `finetune:`, `linear:` and `knn:` are the same, kept because study files use them.
@@ -86,6 +89,13 @@ class Study(BaseModel):
     knn: dict[str, Any] = Field(default_factory=dict)
     # Learning-curve forecasts (medpretrain.forecast): labels needed to reach each target, per metric.
     targets: dict[str, list[float]] = Field(default_factory=dict)
+
+    @field_validator("input_norm")
+    @classmethod
+    def _input_norm(cls, value: str) -> str:
+        from medpretrain.backbones import INPUT_NORMS
+
+        return member(value, INPUT_NORMS, "input_norm")
 
     @field_validator("targets")
     @classmethod

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from medpretrain.backbones import Backbone, create_backbone, get_spec
+from medpretrain.backbones import DEFAULT_INPUT_NORM, Backbone, create_backbone, get_spec
 from medpretrain.inits.report import LoadReport
 from medpretrain.inits.spec import KINDS, InitSpec, parse_init
 
@@ -18,6 +18,7 @@ def build_model(
     small_stem: bool = False,
     seed: int = 0,
     img_size: int | None = None,
+    input_norm: str = DEFAULT_INPUT_NORM,
 ) -> tuple[Backbone, LoadReport]:
     """Create `backbone` (torch seeded with `seed` first, so scratch is reproducible) and initialise it.
 
@@ -32,7 +33,9 @@ def build_model(
         kind.check(spec, backbone, small_stem)
     own = kind.backbone(spec) if kind.backbone is not None else None
     torch.manual_seed(seed)
-    model = create_backbone(own or backbone, small_stem=small_stem and own is None, img_size=img_size)
+    model = create_backbone(
+        own or backbone, small_stem=small_stem and own is None, img_size=img_size, input_norm=input_norm
+    )
     report = kind.load(model, spec, seed)
     if own is not None:
         stem = " and --small-stem" if small_stem else ""

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from medpretrain.backbones import DEFAULT_INPUT_NORM
 from medpretrain.data.base import Dataset
 from medpretrain.errors import MedpretrainError
 from medpretrain.inits import InitSpec
@@ -37,6 +38,7 @@ class EvalContext:
     work_dir: Path | None = None
     hflip: float = 0.5  # flip probability for training views (0 for datasets whose classes mark laterality)
     pretrained: bool = False  # the init carries weights (anything but scratch)
+    input_norm: str = DEFAULT_INPUT_NORM  # how the network normalises its input (backbones.INPUT_NORMS)
     sources: tuple[InitSpec, ...] = ()  # further inits a multi-source (fusion) protocol combines
 
 

@@ -35,7 +35,12 @@ class FineTune(Protocol):
     def run(self, ctx: EvalContext) -> Prediction:
         cfg = finetune_config(ctx.params)
         model, report = build_model(
-            ctx.backbone, ctx.init, small_stem=ctx.small_stem, seed=ctx.seed, img_size=ctx.dataset.image_size
+            ctx.backbone,
+            ctx.init,
+            small_stem=ctx.small_stem,
+            seed=ctx.seed,
+            img_size=ctx.dataset.image_size,
+            input_norm=ctx.input_norm,
         )
         result = finetune(
             model,

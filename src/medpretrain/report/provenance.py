@@ -17,6 +17,7 @@ from medpretrain.report.run import Run, finite
 from medpretrain.report.text import fmt
 
 FULL, MATCHED = "full", "matched"
+INPUT_NORM_TEXT = {"imagenet": "ImageNet mean/std", "half": "(x − 0.5) / 0.5 (the MedMNIST v2 baselines')"}
 
 
 def _policy(row: dict[str, Any]) -> str:
@@ -235,6 +236,13 @@ def protocols(run: Run) -> list[str]:
         reason = " (off: its class names mark left/right)" if study.get("hflip") is None else " (set by the study)"
         off = reason if values == {0.0} else ""
         sentences.append(f"Horizontal flips on {dataset}: p = {_counts(values)}{off}, in fine-tuning and pre-training.")
+    norms = {str((r.get("config") or {}).get("input_norm", "imagenet")) for r in run.rows}
+    if norms - {"imagenet"}:
+        sentences.append(
+            "Input normalisation (for every initialisation alike): "
+            + ", ".join(INPUT_NORM_TEXT.get(n, n) for n in sorted(norms))
+            + "; a network pre-trained with ImageNet's statistics sees other inputs than it was trained on."
+        )
     if any(isinstance(i, dict) for i in study.get("inits") or []) and int(study.get("pretrain_seeds") or 1) == 1:
         sentences.append(
             "Each self-supervised method was pre-trained once (pretrain_seeds: 1), so its intervals do not include "

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 
+from medpretrain.backbones import DEFAULT_INPUT_NORM
 from medpretrain.data import load_dataset
 from medpretrain.data.base import Dataset, Task
 from medpretrain.errors import MedpretrainError
@@ -269,7 +270,12 @@ class Run:
         first: Path | None = None
         for bn_adapt in (False, True) if adapted else (False,):
             key = FeatureCache.key_of(
-                row["init_key"], row["backbone"], bool(row["small_stem"]), row["dataset_key"], bn_adapt=bn_adapt
+                row["init_key"],
+                row["backbone"],
+                bool(row["small_stem"]),
+                row["dataset_key"],
+                bn_adapt=bn_adapt,
+                input_norm=(row.get("config") or {}).get("input_norm", DEFAULT_INPUT_NORM),
             )
             feats, path = self.feature_cache.load(key, split), self.feature_cache.path(key, split)
             first = first or path

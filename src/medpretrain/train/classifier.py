@@ -14,7 +14,7 @@ from torch import nn
 
 from medpretrain.atomic import write_with
 from medpretrain.augment import to_float
-from medpretrain.backbones import Backbone, create_backbone
+from medpretrain.backbones import DEFAULT_INPUT_NORM, Backbone, create_backbone
 from medpretrain.data.base import Task
 from medpretrain.errors import MedpretrainError
 
@@ -40,6 +40,7 @@ def save_classifier(path: str | Path, model: Classifier, *, image_size: int, tas
         "format": CLASSIFIER_FORMAT,
         "backbone_name": model.backbone.name,
         "small_stem": model.backbone.small_stem,
+        "input_norm": model.backbone.input_norm,
         "image_size": int(image_size),
         "task": Task(task).value,
         "classes": list(classes),
@@ -54,7 +55,10 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
     if not isinstance(payload, dict) or payload.get("format") != CLASSIFIER_FORMAT:
         raise MedpretrainError(f"{path} is not a medpretrain fine-tuned model", "re-run the study to write it")
     backbone = create_backbone(
-        payload["backbone_name"], small_stem=payload["small_stem"], img_size=payload["image_size"]
+        payload["backbone_name"],
+        small_stem=payload["small_stem"],
+        img_size=payload["image_size"],
+        input_norm=payload.get("input_norm", DEFAULT_INPUT_NORM),  # models saved before input_norm: ImageNet's
     )
     model = Classifier(backbone, len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])
