@@ -11,16 +11,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from medpretrain.backbones import create_backbone
 from medpretrain.budgets import Budget, select_validation
 from medpretrain.cells import Cell
 from medpretrain.cli import app
 from medpretrain.data import load_dataset
+from medpretrain.data.base import Task
 from medpretrain.errors import MedpretrainError
 from medpretrain.features import FeatureCache
 from medpretrain.inits import InitSpec
+from medpretrain.report import build_report
 from medpretrain.runner import plan_cells, pretrain_jobs
 from medpretrain.study import load_study, validate_study
 from medpretrain.train import FinetuneConfig, StepPlan
+from medpretrain.train.classifier import Classifier, load_classifier, save_classifier
 
 runner = CliRunner()
 
@@ -79,6 +83,15 @@ def test_eval_seed_uses_pretraining_seed_mod_n() -> None:
     assert all(c.validation == "matched" and c.hflip == 0.0 for c in cells)
 
 
+def test_input_norm_reaches_pretraining_and_cells_and_keys_them_apart() -> None:
+    study, jobs, checkpoints = _plan(input_norm="half")
+    assert {j.request.input_norm for j in jobs} == {"half"}
+    assert {c.input_norm for c in plan_cells(study, checkpoints)} == {"half"}
+    plain = _plan()[1][0].request
+    assert "input_norm" not in plain.identity("k")  # checkpoints made before input_norm keep their names
+    assert plain.name("p", "k") != jobs[0].request.name("p", "k")
+
+
 def test_study_rejects_bad_policies() -> None:
     base = {"datasets": ["pneumoniamnist"], "inits": ["scratch"], "budgets": {"fractions": [0.1]}}
     bad = [
@@ -86,6 +99,7 @@ def test_study_rejects_bad_policies() -> None:
         ({"hflip": 2}, "hflip"),
         ({"pretrain_seeds": 0}, "pretrain_seeds"),
         ({"linear": {"bn_adaptt": True}}, "bn_adaptt"),
+        ({"input_norm": "cifar"}, "input_norm"),
     ]
     for change, named in bad:
         with pytest.raises(Exception, match=named):
@@ -98,6 +112,8 @@ def test_protocol_version_and_policies_change_the_cell_key() -> None:
     cell = Cell(**base)
     assert cell.config()["protocol_version"] == 2  # fine-tuning in steps; rows of the epoch version differ
     assert len({cell.key, Cell(**base, validation="matched").key, Cell(**base, hflip=0.0).key}) == 3
+    # The default normalisation spelt out keeps the keys of before input_norm existed; another one is a new cell.
+    assert Cell(**base, input_norm="imagenet").key == cell.key != Cell(**base, input_norm="half").key
 
 
 def test_bn_adapt_features_are_keyed_apart_and_differ(tmp_path: Path) -> None:
@@ -151,6 +167,7 @@ def test_reproduction_preset_is_the_medmnist_v2_recipe() -> None:
     assert study.small_stem and study.inits == ["scratch"] and study.budgets.fractions == [1.0]
     assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.epochs, cfg.schedule) == ("adam", (1e-3,), 128, 100, "multistep")
     assert cfg.milestones == (0.5, 0.75) and not cfg.augment and cfg.patience == 0
+    assert study.input_norm == "half"  # the paper's (x - 0.5) / 0.5
     assert StepPlan.of(1080, cfg).eval_every == StepPlan.of(1080, cfg).steps_per_epoch  # best epoch on validation
 
 
@@ -179,3 +196,37 @@ def test_pretraining_on_lateral_classes_does_not_flip(tmp_path: Path) -> None:
     blood = PretrainRequest(dataset="bloodmnist[train=64,val=8,test=8]", method="simclr", epochs=1, hparams=hp)
     pretrain(blood, tmp_path, progress=False, log=lambda _: None)
     assert blood.hflip == 0.5 and "hflip" not in blood.identity("k")  # checkpoint names from before are kept
+
+
+def test_input_norm_half_reaches_every_network_and_the_saved_model(tmp_path: Path) -> None:
+    gray = torch.full((2, 1, 28, 28), 0.5)
+    half = create_backbone("resnet18", small_stem=True, input_norm="half")
+    assert torch.allclose(half.prepare(gray), torch.zeros(2, 3, 28, 28))
+    assert not torch.allclose(create_backbone("resnet18", small_stem=True).prepare(gray), torch.zeros(2, 3, 28, 28))
+    assert torch.allclose(create_backbone("timm:resnet10t", input_norm="half").prepare(gray), torch.zeros(2, 3, 28, 28))
+    path = save_classifier(tmp_path / "m.pt", Classifier(half, 2), image_size=28, task=Task.BINARY, classes=["a", "b"])
+    loaded, _ = load_classifier(path)
+    assert loaded.backbone.input_norm == "half" and torch.equal(loaded.backbone.mean, half.mean)
+    with pytest.raises(MedpretrainError, match="input_norm"):
+        create_backbone("resnet18", input_norm="cifar")
+
+
+def test_evaluate_input_norm_is_recorded_keyed_apart_and_reported(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["evaluate", "--dataset", "pneumoniamnist[train=64,val=32,test=32]", "--init", "scratch",
+            "--protocol", "linear", "--fraction", "1.0", "--no-progress", "--out", str(out)]  # fmt: skip
+    rows = []
+    for norm in ("imagenet", "half"):
+        result = runner.invoke(app, [*args, "--input-norm", norm, "--json", str(out / f"{norm}.json")])
+        assert result.exit_code == 0, result.output
+        rows += json.loads((out / f"{norm}.json").read_text())
+    assert sorted(r["config"].get("input_norm", "imagenet") for r in rows) == ["half", "imagenet"]
+    cache = FeatureCache(out / "cache")
+    keys = sorted(p.name for p in cache.root.iterdir())
+    assert len(keys) == 2 and sum("-normhalf-" in k for k in keys) == 1
+    plain, half = (np.load(cache.root / k / "train.npy") for k in keys)
+    assert plain.shape == half.shape and not np.allclose(plain, half)  # the same random network, other inputs
+    bad = runner.invoke(app, [*args, "--input-norm", "cifar"])
+    assert bad.exit_code != 0 and "input_norm" in bad.output and "Traceback" not in bad.output
+    build_report(out)
+    assert "(x − 0.5) / 0.5" in (out / "report.html").read_text()
